@@ -6,6 +6,7 @@ integration tests the real ``KafkaTransport``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -61,7 +62,8 @@ class KafkaTransport:
             "error_cb": self._on_error,
         }
         conf.update(extra or {})
-        self._producer = Producer(conf)
+        # librdkafka logs to stderr by default; route it through logging so apps control it.
+        self._producer: Any = Producer(conf, logger=logging.getLogger("meterline.sdk.kafka"))
 
     def _on_error(self, err: Any) -> None:
         from confluent_kafka import KafkaError
@@ -100,7 +102,11 @@ class KafkaTransport:
         return len(self._producer)
 
     def close(self, timeout_s: float) -> None:
-        self._producer.flush(timeout_s)
+        if self._producer is not None:
+            self._producer.flush(timeout_s)
+            # Dropping the last reference destroys librdkafka's handle and its threads, so a
+            # closed emitter stops reconnecting to a broker that went away.
+            self._producer = None
 
 
 class MemoryTransport:

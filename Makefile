@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - local virtualenv + the main job on embedded chDB (no servers)
+#   make test   - test needs (Kafka from Maven Central included) + the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-install only when the dependency list changes (idempotent, uses pip's cache).
+STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test install kafka lint bench bench-e2e clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.meterline-* && touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/meterline demo
+
+kafka:
+	bash tools/kafka/fetch.sh
+
+test: $(STAMP) kafka
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy meterline sdk ingest sinks aggregators
+
+bench: $(STAMP) kafka
+	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-only
+
+bench-e2e: $(STAMP) kafka
+	$(BIN)/python benchmarks/e2e_sdk_kafka.py
+
+clean:
+	rm -rf $(VENV) .cache var .meterline-spool
