@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from meterline.core.errors import ConfigError
+from meterline.core.events import MAX_SOURCE_LEN, is_utf8
 
 Durability = Literal["buffered", "durable", "fsync"]
 
@@ -71,6 +72,14 @@ class EmitterConfig:
             errors.append(f"compression: unknown codec {self.compression!r}")
         if self.on_error is not None and not callable(self.on_error):
             errors.append("on_error: must be callable")
+        # source goes into every envelope's header; one the decoder refuses (bad_source)
+        # would dead-letter every batch this emitter sends.
+        if self.source is not None and (
+            not isinstance(self.source, str)
+            or not 0 < len(self.source) <= MAX_SOURCE_LEN
+            or not is_utf8(self.source)
+        ):
+            errors.append(f"source: must be None or a str of 1..{MAX_SOURCE_LEN} characters")
         if errors:
             raise ConfigError(errors, "EmitterConfig")
 

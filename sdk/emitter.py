@@ -51,6 +51,7 @@ from meterline.sdk.transport import Backpressure, KafkaTransport, Transport
 _METADATA_RETRY_S = 1.0
 _REPLAY_BACKOFF_S = 0.5
 _time_ns = time.time_ns
+_time = time.time
 
 
 class BufferFullError(MeterlineError):
@@ -102,7 +103,13 @@ class Emitter:
             )
         self._transport = transport
         self._buffer: deque[Item] = deque()
+        self._max_buffered = config.max_buffered_events
+        # The fast path in emit() is only sound when no registry rule, durable write or
+        # sync flush applies to a call.
+        fast = registry is None and not self._durable and not config.sync
         self._known_meters: set[str] = set()
+        # Same set object when the fast path applies, an always-empty one when it doesn't.
+        self._fast_meters: set[str] = self._known_meters if fast else set()
         self._partitions: PartitionCache | None = None
         self._next_metadata_try = 0.0
         self._replay_inflight: set[int] = set()
@@ -139,6 +146,37 @@ class Emitter:
         silently. ``quantity`` may be int, Decimal, decimal str, or a float with at most 9
         fractional digits (exactness is checked, never rounded).
         """
+        # Fast path for the common call (known meter, int quantity, no extras): one
+        # combined check, one tuple, one append. Everything else takes the full path.
+        if (
+            type(quantity) is int
+            and meter in self._fast_meters
+            and type(customer) is str
+            and 0 < len(customer) <= 256
+            and timestamp_ms is None
+            and dimensions is None
+            and id is None
+            and source is None
+        ):
+            buffer = self._buffer
+            if len(buffer) >= self._max_buffered:
+                self._wait_for_room()
+            # Short tuple: whole units and float seconds. Scaling to nano-units and integer
+            # ms happens on the background thread (_take_buffered), off the caller's clock.
+            buffer.append((customer, meter, quantity, _time()))  # type: ignore[arg-type]
+            return
+        self._emit_checked(customer, meter, quantity, timestamp_ms, dimensions, id, source)
+
+    def _emit_checked(
+        self,
+        customer: Any,
+        meter: Any,
+        quantity: Any,
+        timestamp_ms: Any,
+        dimensions: Any,
+        id: Any,
+        source: Any,
+    ) -> None:
         if type(customer) is not str or not customer or len(customer) > 256:
             self._reject(check_customer, customer)
         if meter not in self._known_meters:
@@ -167,14 +205,14 @@ class Emitter:
             self._check_against_registry(meter, q, dimensions)
         item = (customer, meter, q, timestamp_ms, dimensions, id, source)
         if self._durable:
-            self._spool.append_event(item)  # type: ignore[arg-type]
+            self._spool.append_event(item)
             with self._count_lock:
                 self._durable_emitted += 1
         else:
             buffer = self._buffer
-            if len(buffer) >= self.config.max_buffered_events:
+            if len(buffer) >= self._max_buffered:
                 self._wait_for_room()
-            buffer.append(item)  # type: ignore[arg-type]
+            buffer.append(item)
         if self.config.sync:
             self.flush()
 
@@ -240,7 +278,7 @@ class Emitter:
     def _wait_for_room(self) -> None:
         self._wake.set()
         deadline = time.monotonic() + self.config.enqueue_timeout_s
-        while len(self._buffer) >= self.config.max_buffered_events:
+        while len(self._buffer) >= self._max_buffered:
             if time.monotonic() >= deadline or self._stop.is_set():
                 self._count_rejected()
                 raise BufferFullError(
@@ -361,7 +399,13 @@ class Emitter:
         buffer = self._buffer
         n = len(buffer)
         popleft = buffer.popleft
-        return [popleft() for _ in range(n)]
+        items = [popleft() for _ in range(n)]
+        # Normalise fast-path tuples (customer, meter, units, seconds) to full items.
+        return [
+            it if len(it) == 7 else (it[0], it[1], it[2] * SCALE, int(it[3] * 1000), None, None,
+                                     None)
+            for it in items
+        ]
 
     def _build(self, items: list[Item]) -> list[EncodedBatch]:
         return build_batches(

@@ -118,6 +118,7 @@ class MemoryTransport:
         self.fail = False
         self.full = False
         self._pending: list[tuple[int, bytes, OnDone]] = []
+        self._delivering = 0  # taken from _pending, callbacks not yet finished
         self._lock = threading.Lock()
 
     def partition_count(self, topic: str, timeout_s: float) -> int | None:
@@ -132,16 +133,23 @@ class MemoryTransport:
     def poll(self, timeout_s: float) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+            self._delivering += len(pending)
+        # A record counts as in flight until its callback returned (as in librdkafka), so
+        # flush() cannot see "nothing in flight" while a failed batch is being spooled.
         for partition, payload, on_done in pending:
-            if self.fail:
-                on_done(DeliveryError("memory transport is down"))
-            else:
-                self.records.append((partition, payload))
-                on_done(None)
+            try:
+                if self.fail:
+                    on_done(DeliveryError("memory transport is down"))
+                else:
+                    self.records.append((partition, payload))
+                    on_done(None)
+            finally:
+                with self._lock:
+                    self._delivering -= 1
 
     def in_flight(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._delivering
 
     def close(self, timeout_s: float) -> None:
         self.poll(0)

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from meterline.sinks.exceptions import SinkConfigError
+from meterline.sinks.exceptions import SinkConfigError, SinkError
 
 __all__ = [
     "DEFAULT_DATABASE",
     "Params",
     "Storage",
     "StorageConfig",
+    "check_insert_columns",
     "is_identifier",
     "open_storage",
+    "split_qualified",
 ]
 
 DEFAULT_DATABASE = "meterline"
@@ -39,6 +41,31 @@ def is_identifier(name: str) -> bool:
     return bool(_IDENTIFIER.match(name))
 
 
+def split_qualified(table: str) -> tuple[str, str]:
+    """``"db.table"`` -> ``("db", "table")``; both parts must be plain identifiers."""
+    database, dot, name = table.partition(".")
+    if not dot or not is_identifier(database) or not is_identifier(name):
+        raise SinkConfigError("table name", [f"{table!r} is not a qualified name 'database.table'"])
+    return database, name
+
+
+def check_insert_columns(
+    columns: Mapping[str, Sequence[Any]], column_types: Mapping[str, str]
+) -> int:
+    """Shared argument checks of ``Storage.insert_columns``; returns the row count."""
+    if not columns:
+        raise SinkError("insert needs at least one column")
+    if set(columns) != set(column_types):
+        raise SinkError(
+            f"column_types keys {sorted(column_types)} differ from columns {sorted(columns)}"
+        )
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) != 1:
+        sizes = {name: len(values) for name, values in columns.items()}
+        raise SinkError(f"columns have different lengths: {sizes}")
+    return lengths.pop()
+
+
 @runtime_checkable
 class Storage(Protocol):
     """What the sinks need from ClickHouse. SQL is fully qualified (``db.table``).
@@ -49,7 +76,7 @@ class Storage(Protocol):
 
     @property
     def database(self) -> str:
-        """The database this storage was opened for; inserts go there."""
+        """The database this storage was opened for (callers' default)."""
         ...
 
     def execute(self, sql: str, params: Params | None = None) -> None:
@@ -69,7 +96,7 @@ class Storage(Protocol):
         column_types: Mapping[str, str],
         settings: Mapping[str, Any] | None = None,
     ) -> None:
-        """Column-oriented insert into ``database.table`` (the fast path).
+        """Column-oriented insert into ``table`` (qualified: ``database.table``); the fast path.
 
         ``columns`` maps column name to a homogeneous list of Python values (str, int,
         bytes, dict for Map); ``column_types`` gives each column's ClickHouse type.

@@ -231,7 +231,8 @@ def _quantity_column(doc: dict[str, Any], count: int) -> list[int]:
     out: list[int] = []
     for q in col:
         if type(q) is str:
-            if not (q.lstrip("-").isdigit() and q.isascii() and len(q) <= 60):
+            digits = q[1:] if q[:1] == "-" else q  # one sign at most: int("--5") raises
+            if not (digits.isdigit() and q.isascii() and len(q) <= 60):
                 raise EnvelopeError("bad_column", f"quantity string {q[:40]!r} is not an integer")
             out.append(int(q))
         else:

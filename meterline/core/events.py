@@ -25,7 +25,21 @@ MAX_DIMENSION_VALUE_LEN = 256
 MIN_TIMESTAMP_MS = 946_684_800_000
 MAX_TIMESTAMP_MS = 7_258_118_400_000
 
-METER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which let "api_calls\n" through.
+METER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+
+
+def is_utf8(text: str) -> bool:
+    """True when ``text`` can be encoded as UTF-8 (no lone surrogates such as "\\ud800").
+    Such a string cannot be written to the envelope; letting it into a batch would make the
+    whole batch unencodable."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +58,8 @@ def check_customer(customer: object) -> str:
         raise InvalidEventError("customer", f"must be a non-empty str, got {customer!r}")
     if len(customer) > MAX_CUSTOMER_LEN:
         raise InvalidEventError("customer", f"longer than {MAX_CUSTOMER_LEN} characters")
+    if not is_utf8(customer):
+        raise InvalidEventError("customer", "must be valid Unicode (no lone surrogates)")
     return customer
 
 
@@ -66,7 +82,12 @@ def check_timestamp_ms(ts: object) -> int:
 
 
 def check_id(event_id: object) -> str:
-    if type(event_id) is not str or not event_id or len(event_id) > MAX_ID_LEN:
+    if (
+        type(event_id) is not str
+        or not event_id
+        or len(event_id) > MAX_ID_LEN
+        or not is_utf8(event_id)
+    ):
         raise InvalidEventError("id", f"must be a non-empty str of <= {MAX_ID_LEN} characters")
     return event_id
 
@@ -74,8 +95,11 @@ def check_id(event_id: object) -> str:
 def check_source(source: object) -> str | None:
     if source is None:
         return None
-    if type(source) is not str or len(source) > MAX_SOURCE_LEN:
-        raise InvalidEventError("source", f"must be a str of <= {MAX_SOURCE_LEN} characters")
+    # Non-empty: the envelope's per-event source column rejects "" (as it does for ids).
+    if type(source) is not str or not source or len(source) > MAX_SOURCE_LEN or not is_utf8(source):
+        raise InvalidEventError(
+            "source", f"must be a non-empty str of <= {MAX_SOURCE_LEN} characters"
+        )
     return source
 
 
@@ -88,11 +112,16 @@ def check_dimensions(dimensions: object) -> dict[str, str]:
     if len(dimensions) > MAX_DIMENSIONS:
         raise InvalidEventError("dimensions", f"more than {MAX_DIMENSIONS} keys")
     for key, value in dimensions.items():
-        if type(key) is not str or not key or len(key) > MAX_DIMENSION_KEY_LEN:
+        if (
+            type(key) is not str
+            or not key
+            or len(key) > MAX_DIMENSION_KEY_LEN
+            or not is_utf8(key)
+        ):
             raise InvalidEventError(
                 "dimensions", f"key {key!r} must be a str of 1..{MAX_DIMENSION_KEY_LEN} chars"
             )
-        if type(value) is not str or len(value) > MAX_DIMENSION_VALUE_LEN:
+        if type(value) is not str or len(value) > MAX_DIMENSION_VALUE_LEN or not is_utf8(value):
             raise InvalidEventError(
                 f"dimensions.{key}", f"value must be a str of <= {MAX_DIMENSION_VALUE_LEN} chars"
             )

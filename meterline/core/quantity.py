@@ -7,9 +7,14 @@ on the billing path is ever a binary float.
 Precision and range:
 - 9 fractional digits. Inputs with more digits are rejected (never rounded): rounding
   would silently change what a customer is billed.
-- One event's quantity must fit a signed 64-bit int of nano-units on the wire:
-  |q| <= 9,223,372,036.854775807 units. Larger single quantities are carried as decimal
-  strings in the envelope (see docs/envelope.md), so the range is unbounded in Python.
+- On the wire a quantity is a signed 64-bit int of nano-units when it fits
+  (|q| <= 9,223,372,036.854775807 units); larger single quantities are carried as decimal
+  strings in the envelope (see docs/envelope.md).
+- One quantity must fit ClickHouse Decimal(38, 9): |q| <= MAX_NANOS (10**38 - 1 nano-units,
+  just under 10**29 units). Anything larger could not be stored, and would make the
+  consumer reject the whole batch it travels in, so ``to_nanos`` refuses it.
+- Floats are accepted only below 2**23 (8,388,608) units: above that, two 9-digit decimals
+  can share one float, so the decimal the caller wrote is no longer recoverable.
 - Totals are Python ints (unbounded) and ClickHouse Decimal(38, 9) (29 integer digits).
 """
 
@@ -21,9 +26,13 @@ SCALE_DIGITS = 9
 SCALE = 10**SCALE_DIGITS
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
-# Beyond 2**53 a float no longer has integer precision, so round-trip checks below stop
-# being meaningful; such values must come in as int, Decimal or str.
-_FLOAT_EXACT_LIMIT = float(2**53)
+MAX_NANOS = 10**38 - 1  # ClickHouse Decimal(38, 9)
+MAX_UNITS = MAX_NANOS // SCALE  # largest whole-unit int quantity
+_MAX_DIGITS = 38
+# From 2**23 units up, float spacing (2**-29 ~ 1.9e-9) exceeds 1e-9: two different 9-digit
+# decimals can round to the same float, so "the decimal it was written as" is ambiguous
+# (8388608.000000001 would be billed as ...002). Such values must come as int/Decimal/str.
+_FLOAT_EXACT_LIMIT = float(2**23)
 
 
 class QuantityError(ValueError):
@@ -38,18 +47,19 @@ def to_nanos(value: object) -> int:
     require that it converts back to the very same float. ``1/3`` is rejected.
     """
     if type(value) is int:
+        if not -MAX_UNITS <= value <= MAX_UNITS:
+            raise QuantityError(f"{value} is out of range (|quantity| < 10**29 units)")
         return value * SCALE
     if isinstance(value, bool):
         raise QuantityError("must be a number, not bool")
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             raise QuantityError(f"must be finite, got {value!r}")
-        scaled = value * SCALE
-        if abs(scaled) >= _FLOAT_EXACT_LIMIT:
+        if abs(value) >= _FLOAT_EXACT_LIMIT:
             raise QuantityError(
                 f"{value!r} is too large to be exact as a float; pass an int, Decimal or str"
             )
-        nanos = round(scaled)
+        nanos = round(value * SCALE)
         if nanos / SCALE != value:
             raise QuantityError(
                 f"{value!r} has more than {SCALE_DIGITS} fractional digits; "
@@ -57,7 +67,7 @@ def to_nanos(value: object) -> int:
             )
         return nanos
     if isinstance(value, int):  # int subclasses (e.g. numpy ints via __index__ are not here)
-        return int(value) * SCALE
+        return to_nanos(int(value))
     if isinstance(value, Decimal):
         return _decimal_to_nanos(value)
     if isinstance(value, str):
@@ -70,17 +80,33 @@ def to_nanos(value: object) -> int:
 
 
 def _decimal_to_nanos(dec: Decimal) -> int:
+    # Exact digit arithmetic, no decimal context: Decimal.scaleb rounds to the context's 28
+    # significant digits (silently changing 12345678901234567890.123456789) and raises
+    # decimal.Overflow for huge exponents.
     if not dec.is_finite():
         raise QuantityError(f"must be finite, got {dec}")
-    scaled = dec.scaleb(SCALE_DIGITS)
-    if scaled != scaled.to_integral_value():
-        raise QuantityError(f"{dec} has more than {SCALE_DIGITS} fractional digits")
-    return int(scaled)
+    sign, digits, exponent = dec.as_tuple()
+    assert isinstance(exponent, int)
+    if not any(digits):
+        return 0
+    if dec.adjusted() + SCALE_DIGITS >= _MAX_DIGITS:
+        raise QuantityError(f"{dec} is out of range (|quantity| < 10**29 units)")
+    shift = exponent + SCALE_DIGITS
+    if shift >= 0:
+        nanos = int("".join(map(str, digits))) * 10**shift
+    else:
+        cut = -shift
+        if cut >= len(digits) or any(digits[-cut:]):
+            raise QuantityError(f"{dec} has more than {SCALE_DIGITS} fractional digits")
+        nanos = int("".join(map(str, digits[:-cut])))
+    return -nanos if sign else nanos
 
 
 def to_decimal(nanos: int) -> Decimal:
     """Exact Decimal for a nano-unit count (for display and APIs)."""
-    return Decimal(nanos).scaleb(-SCALE_DIGITS)
+    # Built from digits, not with scaleb(): scaleb rounds to the context's 28 digits.
+    sign, digits, _ = Decimal(nanos).as_tuple()
+    return Decimal((sign, digits, -SCALE_DIGITS))
 
 
 def format_nanos(nanos: int) -> str:

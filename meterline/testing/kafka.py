@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -57,7 +57,7 @@ _NODE_ID = 1
 _HOST = "127.0.0.1"
 
 # JVM flags: a modest heap, no hsperfdata files, headless. Tiered compilation is left on
-# (TieredStopAtLevel=1 starts ~0.5 s faster but slows the broker under benchmark load).
+# (TieredStopAtLevel=1 starts a JVM faster but would slow the broker under benchmark load).
 JVM_OPTS: tuple[str, ...] = (
     "-Xms256m",
     "-Xmx512m",
@@ -106,12 +106,24 @@ def _kill_all_at_exit() -> None:
                 proc.wait(timeout=5)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGKILL the child when its parent thread dies."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGKILL the child when its parent thread dies.
+
+    prctl is looked up here, in the parent: the child of a multi-threaded process
+    (librdkafka runs threads) must not dlopen between fork and exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+    return preexec
 
 
 def free_ports(count: int) -> list[int]:
@@ -187,12 +199,14 @@ class KafkaBroker:
         partitions: int = 4,
         log_file: Path | None = None,
         extra_config: Mapping[str, str] | None = None,
+        log_level: str = "WARN",
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.controller_port: int | None = None
         self.partitions = partitions
-        self.extra_config = dict(extra_config or {})
+        self.extra_config = dict(extra_config or {})  # server.properties overrides
+        self.log_level = log_level  # log4j level of the broker's own log
         self.log_file = Path(log_file).resolve() if log_file else self.data_dir / "broker.log"
         self.logs_dir = self.data_dir / "kafka-logs"
         self.config_file = self.data_dir / "server.properties"
@@ -224,6 +238,7 @@ class KafkaBroker:
         """
         if self.is_running():
             return self
+        self._reap()  # a JVM that exited by itself
         libs = ensure_kafka_libs()
         t0 = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -367,7 +382,7 @@ class KafkaBroker:
         props.update(self.extra_config)
         text = "".join(f"{k}={v}\n" for k, v in props.items())
         self.config_file.write_text(text)
-        self.log4j_file.write_text(_LOG4J_PROPERTIES)
+        self.log4j_file.write_text(_LOG4J_PROPERTIES.replace("WARN", self.log_level, 1))
 
     def _java(self, classpath: str, main: str, *args: str, short_lived: bool = False) -> list[str]:
         java = os.environ.get("JAVA_HOME")
@@ -418,7 +433,7 @@ class KafkaBroker:
         self._log_fh.write(f"--- kafka.Kafka on {self.bootstrap} ---\n".encode())
         self._log_fh.flush()
         on_main = threading.current_thread() is threading.main_thread()
-        use_pdeathsig = on_main and sys.platform.startswith("linux")
+        preexec = _pdeathsig_preexec() if on_main else None
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -426,7 +441,7 @@ class KafkaBroker:
             stderr=subprocess.STDOUT,
             cwd=self.data_dir,
             start_new_session=True,  # own process group: signals reach the whole JVM tree
-            preexec_fn=_die_with_parent if use_pdeathsig else None,
+            preexec_fn=preexec,
         )
         with _LIVE_LOCK:
             _LIVE.add(self._proc)

@@ -1,0 +1,85 @@
+"""`meterline` command line: demo, migrate, load-raw, usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from meterline.core.errors import MeterlineError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meterline", description="Exact usage metering.")
+    parser.add_argument("--config", type=Path, help="meterline.toml (default: built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the pipeline end to end on embedded chDB")
+    demo.add_argument("--events", type=int, default=500_000)
+    demo.add_argument("--customers", type=int, default=1_000)
+    demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sub.add_parser("migrate", help="create or update the ClickHouse schema (idempotent)")
+
+    load = sub.add_parser("load-raw", help="Kafka -> raw events in ClickHouse")
+    load.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                      help="stop after this long without new records (default: run forever)")
+
+    usage = sub.add_parser("usage", help="print exact usage of one customer")
+    usage.add_argument("customer")
+    usage.add_argument("--meter")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except MeterlineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from meterline.config import load_config
+
+    config = load_config(args.config)
+    if args.command == "demo":
+        from meterline.demo import run_demo
+
+        result = run_demo(
+            args.workdir, events=args.events, customers=args.customers, seed=args.seed,
+            progress=not args.no_progress, config=config,
+        )
+        return 0 if result.exact else 1
+    if args.command == "migrate":
+        from meterline.sinks.schema import migrate
+        from meterline.sinks.storage import open_storage
+
+        storage = open_storage(config.storage_config())
+        try:
+            applied = migrate(storage, storage.database, config.retention_policy())
+        finally:
+            storage.close()
+        print(f"schema up to date ({applied})")
+        return 0
+    if args.command == "load-raw":
+        from meterline.ingest.raw_loader import run_kafka_loader
+
+        run_kafka_loader(config, until_idle_s=args.until_idle)
+        return 0
+    if args.command == "usage":
+        from meterline.demo import print_usage
+
+        print_usage(config, args.customer, args.meter)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

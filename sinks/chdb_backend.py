@@ -1,0 +1,256 @@
+"""Embedded ClickHouse (chDB) driver for :class:`~meterline.sinks.storage.Storage`.
+
+chDB runs one ClickHouse engine per process, bound to one data directory, and a data
+directory can be opened by one process at a time (ClickHouse's ``status`` file lock).
+This module therefore keeps one module-level engine: every :class:`ChdbStorage` on the same
+directory shares its session (sessions are thread-safe), opening a *different* directory
+while one is open raises :class:`StorageOpenError`, and the engine shuts down when the last
+storage on it closes (after which another directory may be opened - chDB >= 4 allows that).
+
+Inserts use chDB's ``Python()`` table function: the engine reads the Python lists in place,
+which measured fastest of the exact options (see tests/sinks/bench_chdb_insert.py). Map
+columns travel as one JSON string per row (orjson) and bytes as hex, both decoded in SQL.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meterline.sinks.exceptions import (
+    BackendUnavailableError,
+    QueryError,
+    SinkError,
+    StorageOpenError,
+)
+from meterline.sinks.storage import (
+    DEFAULT_DATABASE,
+    Params,
+    check_insert_columns,
+    split_qualified,
+)
+
+__all__ = ["ChdbStorage", "open_engine_path"]
+
+_INSTALL_HINT = "embedded storage needs chdb and pyarrow: pip install 'meterline[server]'"
+
+# The name chDB's Python() table function looks up in the calling frames. Prefixed so it
+# cannot collide with anything a caller has in scope.
+_ROWS_VARIABLE = "_meterline_insert_rows"
+
+
+@dataclass
+class _Engine:
+    path: str
+    session: Any  # chdb.session.Session
+    users: int
+
+
+_engine_lock = threading.Lock()
+_engine: _Engine | None = None
+
+
+def open_engine_path() -> str | None:
+    """The data directory the process-wide chDB engine is bound to, if one is open."""
+    with _engine_lock:
+        return _engine.path if _engine is not None else None
+
+
+def _normalize(data_dir: str) -> str:
+    # chDB compares engine paths literally: "./data", "data/" and a symlink to it must be
+    # one path, or the second open would be refused as "a different directory".
+    return data_dir if data_dir == ":memory:" else os.path.realpath(data_dir)
+
+
+def _acquire(path: str) -> Any:
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            if _engine.path != path:
+                raise StorageOpenError(
+                    f"chDB can host one data directory per process: {_engine.path!r} is open, "
+                    f"so {path!r} cannot be. Close every ChdbStorage on it first, or share it "
+                    "(use one database per component/test instead of one directory)."
+                )
+            _engine.users += 1
+            return _engine.session
+        try:
+            from chdb import session as chdb_session
+        except ImportError as exc:
+            raise BackendUnavailableError(_INSTALL_HINT) from exc
+        if path != ":memory:":
+            os.makedirs(path, exist_ok=True)
+        try:
+            session = chdb_session.Session(path)
+        except RuntimeError as exc:
+            raise StorageOpenError(
+                f"cannot open chDB data directory {path!r}: {exc}. Another process may be "
+                "using it (one process per data directory), or another chDB engine is open "
+                "in this process (e.g. via chdb.query())."
+            ) from exc
+        _engine = _Engine(path, session, 1)
+        return session
+
+
+def _release(path: str) -> None:
+    global _engine
+    with _engine_lock:
+        if _engine is None or _engine.path != path:
+            return
+        _engine.users -= 1
+        if _engine.users == 0:
+            session, _engine = _engine.session, None
+            session.close()
+
+
+def _type_family(ch_type: str) -> str:
+    """'int', 'string', 'map:<value type>' or 'other' for a ClickHouse type name."""
+    inner = ch_type.strip()
+    while inner.startswith(("LowCardinality(", "Nullable(")):
+        inner = inner[inner.index("(") + 1 : -1].strip()
+    if inner.startswith(("Int", "UInt")):
+        return "int"
+    if inner in ("String",) or inner.startswith("FixedString("):
+        return "string"
+    if inner.startswith("Map("):
+        key, _, value = inner[4:-1].partition(",")
+        if key.strip() != "String":
+            return "other"
+        return "map:" + value.strip()
+    return "other"
+
+
+class ChdbStorage:
+    """:class:`Storage` on an embedded chDB engine persisting into ``data_dir``."""
+
+    def __init__(self, data_dir: str, database: str = DEFAULT_DATABASE) -> None:
+        self._path = _normalize(data_dir)
+        self._database = database
+        self._session = _acquire(self._path)
+        self._closed = False
+
+    @property
+    def database(self) -> str:
+        return self._database
+
+    @property
+    def data_dir(self) -> str:
+        return self._path
+
+    def __enter__(self) -> ChdbStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _release(self._path)
+
+    def _run(self, sql: str, fmt: str, params: Params | None) -> Any:
+        if self._closed:
+            raise SinkError("storage is closed")
+        try:
+            return self._session.query(sql, fmt, params=dict(params) if params else None)
+        except RuntimeError as exc:  # chdb.ChdbError derives from RuntimeError
+            raise QueryError(f"chDB: {exc}", sql) from exc
+
+    def execute(self, sql: str, params: Params | None = None) -> None:
+        self._run(sql, "Null", params)
+
+    def query_rows(self, sql: str, params: Params | None = None) -> list[tuple[Any, ...]]:
+        # Arrow keeps types exact (Decimal128 -> decimal.Decimal, Int64 -> int) and costs
+        # about the same as text formats on small results.
+        table = self._run(sql, "ArrowTable", params)
+        if table.num_rows == 0 or table.num_columns == 0:
+            return []
+        columns: list[list[Any]] = []
+        for arrow_type, column in zip(table.schema.types, table.columns, strict=True):
+            values = column.to_pylist()
+            if str(arrow_type).startswith("map<"):
+                values = [None if v is None else dict(v) for v in values]
+            columns.append(values)
+        return list(zip(*columns, strict=True))
+
+    def insert_columns(
+        self,
+        table: str,
+        columns: Mapping[str, Sequence[Any]],
+        column_types: Mapping[str, str],
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        database, name = split_qualified(table)
+        row_count = check_insert_columns(columns, column_types)
+        if row_count == 0:
+            return
+        data: dict[str, list[Any]] = {}
+        selects: list[str] = []
+        for column, values in columns.items():
+            encoded, expression = _encode_column(column, values, column_types[column])
+            data[column] = encoded
+            selects.append(expression)
+        sql = (
+            f"INSERT INTO {database}.{name} ({', '.join(columns)}) "
+            f"SELECT {', '.join(selects)} FROM Python({_ROWS_VARIABLE})"
+            + _settings_clause(settings)
+        )
+        # chDB resolves Python(<name>) by looking the name up in the calling frames, so
+        # this local must be spelled exactly like _ROWS_VARIABLE.
+        _meterline_insert_rows = data  # noqa: F841 - read by chDB through the frame
+        self._run(sql, "Null", None)
+
+
+def _encode_column(name: str, values: Sequence[Any], ch_type: str) -> tuple[list[Any], str]:
+    """(values chDB's Python() can read, SELECT expression producing ``ch_type``).
+
+    chDB infers a column's type from its first value and rejects later values of another
+    type, so checking the first value is enough to refuse floats in integer columns (a
+    float would otherwise be truncated on the way into Int64).
+    """
+    family = _type_family(ch_type)
+    first = values[0]
+    if family == "int":
+        if type(first) is not int:
+            raise SinkError(f"column {name} ({ch_type}) needs int values, got {type(first).__name__}")
+        return list(values), name
+    if family == "string":
+        if isinstance(first, bytes | bytearray):
+            hexed = [bytes(v).hex() if isinstance(v, bytes | bytearray) else v.encode().hex()
+                     for v in values]
+            return hexed, f"unhex({name})"
+        if not isinstance(first, str):
+            raise SinkError(f"column {name} ({ch_type}) needs str or bytes, got {type(first).__name__}")
+        return list(values), name
+    if family.startswith("map:"):
+        import orjson
+
+        value_type = family[4:]
+        try:
+            encoded = [orjson.dumps(v).decode() for v in values]
+        except TypeError as exc:
+            raise SinkError(f"column {name} ({ch_type}) needs dict values: {exc}") from exc
+        return encoded, (
+            f"CAST(JSONExtractKeysAndValues({name}, '{value_type}'), '{ch_type}')"
+        )
+    raise SinkError(f"column {name}: type {ch_type} is not supported by the chDB insert path")
+
+
+def _settings_clause(settings: Mapping[str, Any] | None) -> str:
+    if not settings:
+        return ""
+    parts = []
+    for key, value in settings.items():
+        if not key.replace("_", "").isalnum():
+            raise SinkError(f"invalid setting name {key!r}")
+        if isinstance(value, bool):
+            rendered = "1" if value else "0"
+        elif isinstance(value, int):
+            rendered = str(value)
+        else:
+            rendered = "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        parts.append(f"{key} = {rendered}")
+    return " SETTINGS " + ", ".join(parts)
