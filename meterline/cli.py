@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on embedded chDB")
-    demo.add_argument("--events", type=int, default=500_000)
+    demo.add_argument("--events", type=int, default=1_000_000)
     demo.add_argument("--customers", type=int, default=1_000)
     demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
     demo.add_argument("--seed", type=int, default=7)

@@ -34,9 +34,10 @@ from meterline.core.events import (
     check_meter_name,
     check_source,
     check_timestamp_ms,
+    is_utf8,
 )
 from meterline.core.meters import Aggregation, MeterRegistry
-from meterline.core.quantity import SCALE, QuantityError, to_nanos
+from meterline.core.quantity import MAX_UNITS, SCALE, QuantityError, to_nanos
 from meterline.sdk.batching import (
     EncodedBatch,
     Item,
@@ -91,7 +92,6 @@ class Emitter:
         self.config = config
         self._registry = registry
         self._durable = config.durability != "buffered"
-        self._spool = Spool(config.resolved_spool_dir(), fsync=config.durability == "fsync")
         if transport is None:
             if not config.bootstrap_servers:
                 raise InvalidEventError("bootstrap_servers", "needed when no transport is given")
@@ -101,6 +101,8 @@ class Emitter:
                 delivery_timeout_ms=config.delivery_timeout_ms,
                 extra=config.producer_config,
             )
+        # The spool last: its directory lock must not stay held when construction fails.
+        self._spool = Spool(config.resolved_spool_dir(), fsync=config.durability == "fsync")
         self._transport = transport
         self._buffer: deque[Item] = deque()
         self._max_buffered = config.max_buffered_events
@@ -150,9 +152,12 @@ class Emitter:
         # combined check, one tuple, one append. Everything else takes the full path.
         if (
             type(quantity) is int
+            and -MAX_UNITS <= quantity <= MAX_UNITS
+            and type(meter) is str  # `in` on an unhashable meter would raise TypeError
             and meter in self._fast_meters
             and type(customer) is str
             and 0 < len(customer) <= 256
+            and customer.isascii()  # others: the full path checks they encode as UTF-8
             and timestamp_ms is None
             and dimensions is None
             and id is None
@@ -177,11 +182,16 @@ class Emitter:
         id: Any,
         source: Any,
     ) -> None:
-        if type(customer) is not str or not customer or len(customer) > 256:
+        if (
+            type(customer) is not str
+            or not customer
+            or len(customer) > 256
+            or not is_utf8(customer)
+        ):
             self._reject(check_customer, customer)
-        if meter not in self._known_meters:
+        if type(meter) is not str or meter not in self._known_meters:
             self._learn_meter(meter)
-        if type(quantity) is int:
+        if type(quantity) is int and -MAX_UNITS <= quantity <= MAX_UNITS:
             q = quantity * SCALE
         else:
             try:
@@ -197,9 +207,13 @@ class Emitter:
             self._reject(check_timestamp_ms, timestamp_ms)
         if dimensions is not None:
             dimensions = self._check_dimensions(dimensions)
-        if id is not None and (type(id) is not str or not id or len(id) > 128):
+        if id is not None and (
+            type(id) is not str or not id or len(id) > 128 or not is_utf8(id)
+        ):
             self._reject(check_id, id)
-        if source is not None and (type(source) is not str or len(source) > 256):
+        if source is not None and (
+            type(source) is not str or not source or len(source) > 256 or not is_utf8(source)
+        ):
             self._reject(check_source, source)
         if self._registry is not None:
             self._check_against_registry(meter, q, dimensions)

@@ -106,6 +106,13 @@ def _release(path: str) -> None:
             session.close()
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_wide_int(ch_type: str) -> bool:
+    return any(w in ch_type for w in ("Int128", "Int256", "UInt64"))
+
+
 def _type_family(ch_type: str) -> str:
     """'int', 'string', 'map:<value type>' or 'other' for a ClickHouse type name."""
     inner = ch_type.strip()
@@ -170,7 +177,12 @@ class ChdbStorage:
             return []
         columns: list[list[Any]] = []
         for arrow_type, column in zip(table.schema.types, table.columns, strict=True):
-            values = column.to_pylist()
+            try:
+                values = column.to_pylist()
+            except UnicodeDecodeError:
+                # A String holding non-UTF-8 bytes (a dead letter payload): return bytes
+                # for those values rather than failing the whole query.
+                values = [_decode_or_bytes(v) for v in column.cast("binary").to_pylist()]
             if str(arrow_type).startswith("map<"):
                 values = [None if v is None else dict(v) for v in values]
             columns.append(values)
@@ -204,6 +216,15 @@ class ChdbStorage:
         self._run(sql, "Null", None)
 
 
+def _decode_or_bytes(value: bytes | None) -> str | bytes | None:
+    if value is None:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
+
+
 def _encode_column(name: str, values: Sequence[Any], ch_type: str) -> tuple[list[Any], str]:
     """(values chDB's Python() can read, SELECT expression producing ``ch_type``).
 
@@ -216,6 +237,9 @@ def _encode_column(name: str, values: Sequence[Any], ch_type: str) -> tuple[list
     if family == "int":
         if type(first) is not int:
             raise SinkError(f"column {name} ({ch_type}) needs int values, got {type(first).__name__}")
+        if _is_wide_int(ch_type) and (min(values) < _INT64_MIN or max(values) > _INT64_MAX):
+            # Python() reads ints as Int64 only; wider values travel as decimal text.
+            return [str(v) for v in values], f"CAST({name}, '{ch_type}')"
         return list(values), name
     if family == "string":
         if isinstance(first, bytes | bytearray):

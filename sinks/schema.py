@@ -17,10 +17,11 @@ Design notes for ``raw_events``:
   ``LowCardinality(String)``: tens of distinct values.
 * ``quantity`` is ``Decimal(38, 9)``: exact, and ``sum()`` stays Decimal(38, 9) with
   overflow checks instead of the silent wrap-around of ``sum(Int64)``. Writers insert the
-  exact scaled integer into the EPHEMERAL column ``quantity_nano`` and the server derives
-  ``quantity`` with ``reinterpret(toInt128(quantity_nano), 'Decimal128(9)')`` - no
-  multiplication, no rounding, no float anywhere, and the same insert works for both
-  drivers.
+  exact scaled integer into the EPHEMERAL column ``quantity_nano Int128`` (Int128: a single
+  quantity may exceed Int64, see ``meterline.core.quantity``) and the server derives
+  ``quantity`` with ``reinterpret(quantity_nano, 'Decimal128(9)')``: Decimal128(9) *is* an
+  Int128 count of 10^-9 units, so this is a relabelling - no multiplication, no rounding,
+  no float anywhere - and the same insert works for both drivers.
 * Time is ``timestamp_ms Int64``. Partitioning and TTL are expressions of it (ClickHouse
   keeps a min/max index on it, so time-range filters prune partitions); ``event_time``
   is a zero-storage ALIAS for Grafana-style readers.
@@ -253,10 +254,10 @@ RAW_EVENTS = Table(
         Column("batch_id", "String", comment="SDK/ingest batch the event arrived in"),
         Column("customer", "String"),
         Column("meter", "LowCardinality(String)"),
-        Column("quantity_nano", "Int64", "EPHEMERAL",
+        Column("quantity_nano", "Int128", "EPHEMERAL",
                comment="insert-only: quantity as an exact integer of 10^-9 units"),
         Column("quantity", QUANTITY_TYPE, "DEFAULT",
-               f"reinterpret(toInt128(quantity_nano), 'Decimal128({QUANTITY_SCALE})')"),
+               f"reinterpret(quantity_nano, 'Decimal128({QUANTITY_SCALE})')"),
         Column("timestamp_ms", "Int64", comment="event time, UTC milliseconds"),
         Column("event_time", "DateTime64(3, 'UTC')", "ALIAS",
                "fromUnixTimestamp64Milli(timestamp_ms, 'UTC')"),

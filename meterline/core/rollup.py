@@ -1,0 +1,320 @@
+"""Hourly and daily rollup state: validate -> dedupe -> classify lateness -> aggregate.
+
+One ``RollupState`` holds the open windows of one partition (all of a customer's events
+share a partition). ``apply_batch`` folds one decoded envelope into it and says what
+happened to every event; ``snapshot`` turns windows into rows to write.
+
+Per event, in this order:
+
+1. Validate against the meter registry. Failures become dead letters ``(position, event_id,
+   reason)`` with a reason from ``REJECTION_REASONS``; a bad event never sinks its batch.
+2. Dedupe: a batch id seen within the horizon marks the whole batch duplicate (nothing else
+   happens, the watermark included); explicit event ids are deduped one by one. Rejected
+   events are not remembered, so a corrected resend of one is not taken for a duplicate.
+3. Lateness against the watermark *as it was before this batch*, so the order of events
+   inside a batch cannot change any decision. TOO_LATE events become late entries with
+   their hourly window start (for the late table); they are never dropped.
+4. Aggregate into the hourly and the daily window. Both are folds of the same accepted
+   events, and every aggregation's ``merge`` agrees with its fold, so the daily state equals
+   the merge of its hourly states (tested). Folding the daily state directly, rather than
+   merging hours on demand, lets a closed hour be evicted while its day is still open.
+
+Rows carry window *totals* and ``version`` = the number of events folded into the window.
+The version grows with every change, and a given version always comes with the same total
+(the events of a partition are replayed in log order after a crash), so a
+ReplacingMergeTree(version) keyed by (window, customer, meter, group, window_start) keeps
+the right row whichever duplicates of a flush reach ClickHouse.
+
+``now_ms`` is the batch's processing time: the Kafka record timestamp, not ``time.time()``,
+so a replay of the partition reproduces dedupe expiry and the future-skew check exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from meterline.core.aggregations import Aggregator, aggregator_for
+from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, BatchDeduper, Deduper, EventDeduper
+from meterline.core.envelope import Batch
+from meterline.core.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
+from meterline.core.lateness import DEFAULT_ALLOWED_LATENESS_MS, PartitionWatermark
+from meterline.core.meters import Aggregation, Meter, MeterRegistry
+from meterline.core.quantity import MAX_NANOS
+from meterline.core.windows import DAILY, DAY_MS, HOUR_MS, HOURLY
+
+__all__ = [
+    "MAX_FUTURE_SKEW_MS",
+    "REJECTION_REASONS",
+    "BatchOutcome",
+    "DeadLetter",
+    "Dedupers",
+    "LateEvent",
+    "RollupRow",
+    "RollupState",
+    "WindowKey",
+]
+
+# 15 min, the clock skew AWS SigV4 tolerates. An event far in the future would drag the
+# partition's watermark forward and make everybody else's events too late, so it is
+# rejected instead (a wrong client clock or seconds/ms mixed up).
+MAX_FUTURE_SKEW_MS = 15 * 60_000
+
+MISSING_CUSTOMER = "missing_customer"
+UNKNOWN_METER = "unknown_meter"
+TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+NEGATIVE_QUANTITY = "negative_quantity"
+QUANTITY_OUT_OF_RANGE = "quantity_out_of_range"  # would not fit Decimal(38, 9)
+DIMENSION_NOT_ALLOWED = "dimension_not_allowed"
+MISSING_UNIQUE_VALUE = "missing_unique_value"
+REJECTION_REASONS = (
+    MISSING_CUSTOMER,
+    UNKNOWN_METER,
+    TIMESTAMP_OUT_OF_RANGE,
+    NEGATIVE_QUANTITY,
+    QUANTITY_OUT_OF_RANGE,
+    DIMENSION_NOT_ALLOWED,
+    MISSING_UNIQUE_VALUE,
+)
+
+Group = tuple[tuple[str, str], ...]  # (dimension, value) in the meter's group_by order
+
+
+class WindowKey(NamedTuple):
+    window: str  # WindowSpec.name: "hourly" | "daily"
+    customer: str
+    meter: str
+    group: Group  # a group_by dimension the event lacks has value ""
+    window_start_ms: int
+
+
+class DeadLetter(NamedTuple):
+    position: int  # index in the batch, to copy the event into the dead-letter topic
+    event_id: str
+    reason: str
+
+
+class LateEvent(NamedTuple):
+    position: int
+    event_id: str
+    window_start_ms: int  # the hourly window the event belonged to
+
+
+@dataclass(slots=True)
+class Dedupers:
+    batches: Deduper
+    events: Deduper
+
+    @classmethod
+    def in_memory(cls, horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> Dedupers:
+        return cls(BatchDeduper(horizon_ms), EventDeduper(horizon_ms))
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What happened to each event of one batch. Every event is counted exactly once in
+    accepted + duplicate + late + rejected."""
+
+    batch_id: str
+    duplicate_batch: bool = False
+    accepted: int = 0
+    late_allowed: int = 0  # of accepted: their window's watermark had passed (metrics)
+    duplicate: int = 0
+    late: int = 0  # too late: in late_events, not in the rollups
+    rejected: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    late_events: list[LateEvent] = field(default_factory=list)
+    dirty: set[WindowKey] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class RollupRow:
+    window: str
+    customer: str
+    meter: str
+    group: Group
+    window_start_ms: int
+    window_end_ms: int
+    aggregation: str
+    value_nanos: int  # the window total so far, nano-units
+    events: int
+    version: int
+
+
+class _Cell:
+    __slots__ = ("aggregator", "events", "state")
+
+    def __init__(self, aggregator: Aggregator[Any], state: Any, events: int) -> None:
+        self.aggregator = aggregator
+        self.state = state
+        self.events = events
+
+
+class _Plan:
+    """Per-meter facts looked up once per batch instead of once per event."""
+
+    __slots__ = ("aggregator", "allow_negative", "allowed", "empty_group", "group_by", "unique",
+                 "value_property")
+
+    def __init__(self, meter: Meter) -> None:
+        self.aggregator = aggregator_for(meter.aggregation)
+        self.allow_negative = meter.allow_negative
+        self.allowed = frozenset(meter.dimensions)
+        self.group_by = meter.group_by
+        self.empty_group: Group = tuple((d, "") for d in meter.group_by)
+        self.unique = meter.aggregation is Aggregation.UNIQUE_COUNT
+        self.value_property = meter.value_property
+
+    def check(self, qty: int, ts: int, dims: dict[str, str] | None,
+              newest_ok_ms: int) -> str | tuple[Group, str | None]:
+        """A rejection reason, or the event's ``(group, unique value)``."""
+        if not MIN_TIMESTAMP_MS <= ts <= newest_ok_ms:
+            return TIMESTAMP_OUT_OF_RANGE
+        if qty < 0 and not self.allow_negative:
+            return NEGATIVE_QUANTITY
+        if not -MAX_NANOS <= qty <= MAX_NANOS:
+            return QUANTITY_OUT_OF_RANGE
+        if not dims:
+            return MISSING_UNIQUE_VALUE if self.unique else (self.empty_group, None)
+        if not self.allowed.issuperset(dims):
+            return DIMENSION_NOT_ALLOWED
+        value = dims.get(self.value_property)
+        if self.unique and not value:  # "" is no user id either
+            return MISSING_UNIQUE_VALUE
+        return tuple([(d, dims.get(d, "")) for d in self.group_by]), value
+
+
+_SIZES = {HOURLY.name: HOURLY.size_ms, DAILY.name: DAILY.size_ms}
+
+
+class RollupState:
+    def __init__(self, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> None:
+        if type(allowed_lateness_ms) is not int or allowed_lateness_ms < 0:
+            raise ValueError(f"allowed_lateness_ms must be an int >= 0: {allowed_lateness_ms!r}")
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self._cells: dict[WindowKey, _Cell] = {}
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+    def keys(self) -> list[WindowKey]:
+        return list(self._cells)
+
+    def apply_batch(self, batch: Batch, registry: MeterRegistry, dedupers: Dedupers,
+                    watermark: PartitionWatermark, now_ms: int) -> BatchOutcome:
+        out = BatchOutcome(batch.batch_id)
+        if dedupers.batches.seen_or_add(batch.batch_id, now_ms):
+            out.duplicate_batch, out.duplicate = True, len(batch)
+            return out
+        closed_before = watermark.watermark_ms - self.allowed_lateness_ms  # hour end <= this
+        watermark_ms = watermark.watermark_ms
+        newest_ok_ms = min(now_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
+        explicit_ids = batch.ids
+        dimensions = batch.dimensions
+        prefix = batch.batch_id + "-"
+        plans: dict[str, _Plan | None] = {}
+        touched: dict[tuple[str, str, Group, int], tuple[_Cell, _Cell]] = {}
+        dirty, max_ts = out.dirty, None
+        rows = zip(batch.customers, batch.meters, batch.quantities, batch.timestamps_ms,
+                   strict=True)
+        for i, (customer, meter_name, qty, ts) in enumerate(rows):
+            explicit_id = explicit_ids[i] if explicit_ids is not None else None
+            event_id = prefix + str(i) if explicit_id is None else explicit_id
+            if meter_name in plans:
+                plan = plans[meter_name]
+            else:
+                meter = registry.get(meter_name)
+                plan = plans[meter_name] = None if meter is None else _Plan(meter)
+            if plan is None:
+                checked: str | tuple[Group, str | None] = UNKNOWN_METER
+            elif not customer:
+                checked = MISSING_CUSTOMER
+            else:
+                dims = dimensions[i] if dimensions is not None else None
+                checked = plan.check(qty, ts, dims, newest_ok_ms)
+            if isinstance(checked, str):
+                out.dead_letters.append(DeadLetter(i, event_id, checked))
+                continue
+            assert plan is not None
+            group, value = checked
+            if explicit_id is not None and dedupers.events.seen_or_add(explicit_id, now_ms):
+                out.duplicate += 1
+                continue
+            if max_ts is None or ts > max_ts:
+                max_ts = ts
+            hour_start = ts - ts % HOUR_MS
+            hour_end = hour_start + HOUR_MS  # same rule as lateness.classify
+            if hour_end <= closed_before:
+                out.late_events.append(LateEvent(i, event_id, hour_start))
+                continue
+            if hour_end <= watermark_ms:
+                out.late_allowed += 1
+            out.accepted += 1
+            pair = touched.get((customer, meter_name, group, hour_start))
+            if pair is None:  # first event of this window in the batch: one hash per event
+                pair = touched[(customer, meter_name, group, hour_start)] = (
+                    self._cell(WindowKey("hourly", customer, meter_name, group, hour_start),
+                               plan.aggregator, dirty),
+                    self._cell(WindowKey("daily", customer, meter_name, group, ts - ts % DAY_MS),
+                               plan.aggregator, dirty),
+                )
+            for cell in pair:
+                cell.state = cell.aggregator.add(cell.state, qty, ts, value, event_id)
+                cell.events += 1
+        out.rejected = len(out.dead_letters)
+        out.late = len(out.late_events)
+        if max_ts is not None:
+            watermark.observe(max_ts)
+        return out
+
+    def _cell(self, key: WindowKey, aggregator: Aggregator[Any], dirty: set[WindowKey]) -> _Cell:
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = _Cell(aggregator, aggregator.initialize(), 0)
+        dirty.add(key)
+        return cell
+
+    def snapshot(self, keys: Iterable[WindowKey]) -> list[RollupRow]:
+        """Current totals of ``keys``, sorted by key. Raises KeyError for a key that is not
+        held (e.g. evicted before its last change was written): losing it must be loud."""
+        rows = []
+        for key in sorted(keys):
+            cell = self._cells[key]
+            rows.append(RollupRow(
+                window=key.window, customer=key.customer, meter=key.meter, group=key.group,
+                window_start_ms=key.window_start_ms,
+                window_end_ms=key.window_start_ms + _SIZES[key.window],
+                aggregation=cell.aggregator.name, value_nanos=cell.aggregator.result(cell.state),
+                events=cell.events, version=cell.events,
+            ))
+        return rows
+
+    def daily_from_hours(self, daily_key: WindowKey) -> int:
+        """Result of merging the held hourly states of a daily window (an audit of the
+        daily == merge(hourly) invariant; only exact while none of its hours was evicted)."""
+        cell = self._cells[daily_key]
+        agg, state = cell.aggregator, cell.aggregator.initialize()
+        for hour in range(daily_key.window_start_ms, daily_key.window_start_ms + DAY_MS, HOUR_MS):
+            hourly = self._cells.get(daily_key._replace(window="hourly", window_start_ms=hour))
+            if hourly is not None:
+                state = agg.merge(state, hourly.state)
+        return agg.result(state)
+
+    def evict_closed(self, watermark_ms: int) -> list[WindowKey]:
+        """Drop windows that can no longer change. Snapshot their last changes first."""
+        lateness = self.allowed_lateness_ms
+        closed = [key for key in self._cells
+                  if key.window_start_ms + _SIZES[key.window] + lateness <= watermark_ms]
+        for key in closed:
+            del self._cells[key]
+        return closed
+
+    def export(self, key: WindowKey) -> tuple[str, Any, int]:
+        """``(aggregation, plain state, events)`` of a window, for a changelog."""
+        cell = self._cells[key]
+        return cell.aggregator.name, cell.aggregator.to_plain(cell.state), cell.events
+
+    def restore(self, key: WindowKey, aggregation: str, plain: Any, events: int) -> None:
+        agg = aggregator_for(aggregation)
+        self._cells[key] = _Cell(agg, agg.from_plain(plain), events)
