@@ -91,6 +91,9 @@ def _acquire(path: str) -> Any:
                 "using it (one process per data directory), or another chDB engine is open "
                 "in this process (e.g. via chdb.query())."
             ) from exc
+        # FixedString as plain binary, so the only fixed-size binary columns in Arrow
+        # results are wide integers / IPv6, which query_rows refuses loudly (below).
+        session.query("SET output_format_arrow_fixed_string_as_fixed_byte_array = 0", "Null")
         _engine = _Engine(path, session, 1)
         return session
 
@@ -171,12 +174,22 @@ class ChdbStorage:
 
     def query_rows(self, sql: str, params: Params | None = None) -> list[tuple[Any, ...]]:
         # Arrow keeps types exact (Decimal128 -> decimal.Decimal, Int64 -> int) and costs
-        # about the same as text formats on small results.
+        # about the same as text formats on small results. Not representable: Int128/256
+        # and IPv6 (refused below), DateTime comes back tz-aware (clickhouse-connect:
+        # naive) - select *_ms integers instead.
         table = self._run(sql, "ArrowTable", params)
         if table.num_rows == 0 or table.num_columns == 0:
             return []
         columns: list[list[Any]] = []
-        for arrow_type, column in zip(table.schema.types, table.columns, strict=True):
+        for arrow_field, column in zip(table.schema, table.columns, strict=True):
+            arrow_type = arrow_field.type
+            if str(arrow_type).startswith("fixed_size_binary"):
+                raise QueryError(
+                    f"column {arrow_field.name!r} is a wide integer or IPv6, which chDB's "
+                    "Arrow output carries as raw bytes; select it with toString() or as a "
+                    "Decimal instead",
+                    sql,
+                )
             try:
                 values = column.to_pylist()
             except UnicodeDecodeError:
@@ -252,6 +265,8 @@ def _encode_column(name: str, values: Sequence[Any], ch_type: str) -> tuple[list
     if family.startswith("map:"):
         import orjson
 
+        if not isinstance(first, Mapping):
+            raise SinkError(f"column {name} ({ch_type}) needs dict values, got {type(first).__name__}")
         value_type = family[4:]
         try:
             encoded = [orjson.dumps(v).decode() for v in values]

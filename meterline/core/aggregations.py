@@ -196,12 +196,7 @@ class Latest:
         return state
 
     def from_plain(self, plain: Any) -> LatestState:
-        if plain is None:
-            return None
-        ts, eid, qty = plain  # JSON turns the tuple into a list
-        if type(eid) is not str:
-            raise ValueError(f"latest state needs a str event id, got {eid!r}")
-        return (_int(ts), eid, _int(qty))
+        return None if plain is None else _triple(plain)
 
 
 class UniqueCount:
@@ -281,7 +276,14 @@ class TimeWeightedSum:
         return tuple(state)
 
     def from_plain(self, plain: Any) -> list[GaugePoint]:
-        return sorted((_int(ts), str(eid), _int(v)) for ts, eid, v in plain)
+        return sorted(_triple(point) for point in plain)
+
+
+def _triple(plain: Any) -> tuple[int, str, int]:
+    ts, eid, value = plain  # JSON turns the tuple into a list
+    if type(eid) is not str:
+        raise ValueError(f"state needs a str event id, got {eid!r}")
+    return (_int(ts), eid, _int(value))
 
 
 def _int(value: Any) -> int:

@@ -125,13 +125,14 @@ def encode_batch(batch: Batch) -> bytes:
         "quantity": quantities,
         "timestamp_ms": batch.timestamps_ms,
     }
-    if batch.ids is not None and any(i is not None for i in batch.ids):
+    # list.count runs in C; a generator with any() would cost ~100 ns per event here.
+    if batch.ids is not None and batch.ids.count(None) != len(batch.ids):
         doc["id"] = batch.ids
     if batch.dimensions is not None and any(batch.dimensions):
         doc["dimensions"] = batch.dimensions
     if batch.source is not None:
         doc["source"] = batch.source
-    if batch.sources is not None and any(s is not None for s in batch.sources):
+    if batch.sources is not None and batch.sources.count(None) != len(batch.sources):
         doc["event_source"] = batch.sources
     return orjson.dumps(doc)
 

@@ -77,6 +77,12 @@ def test_query_rows_returns_bytes_for_non_utf8_strings(chdb_storage: Any) -> Non
     assert rows == [(b"\xff\x00", "ok")]
 
 
+def test_query_rows_refuses_wide_integers_instead_of_returning_bytes(chdb_storage: Any) -> None:
+    with pytest.raises(QueryError, match="toString"):
+        chdb_storage.query_rows("SELECT toInt128(5) AS w")
+    assert chdb_storage.query_rows("SELECT toFixedString('ab', 2)") == [("ab",)]
+
+
 def test_query_rows_empty_result(chdb_storage: Any) -> None:
     assert chdb_storage.query_rows("SELECT 1 WHERE 0") == []
 
@@ -122,11 +128,13 @@ def test_insert_columns_round_trips_every_supported_type(chdb_storage: Any) -> N
         },
         PROBE_TYPES,
     )
-    rows = chdb_storage.query_rows(f"SELECT i, w, s, lc, m FROM {table} ORDER BY i")
+    rows = chdb_storage.query_rows(
+        f"SELECT i, reinterpret(w, 'Decimal128(0)'), s, lc, m FROM {table} ORDER BY i"
+    )
     assert rows == [
-        (1, 10**38 - 1, b"\xff\x00", "a", {"k": "v", "quote": "it's \"x\""}),
-        (2, -(2**63) - 1, "plain", "b", {}),
-        (3, 0, "bytes", "a", {"n": "1"}),
+        (1, Decimal(10**38 - 1), b"\xff\x00", "a", {"k": "v", "quote": "it's \"x\""}),
+        (2, Decimal(-(2**63) - 1), "plain", "b", {}),
+        (3, Decimal(0), "bytes", "a", {"n": "1"}),
     ]
 
 

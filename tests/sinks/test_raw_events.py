@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from meterline.sinks.exceptions import SinkConfigError, SinkError
+from meterline.sinks.raw_events import (
+    DeadLetterColumns,
+    UsageQuery,
+    UsageSummaryQuery,
+    UsageSummaryRow,
+    UsageTotals,
+    insert_dead_letters,
+    insert_raw_events,
+    nano_from_decimal,
+)
+
+# --------------------------------------------------------------------------- query objects
+
+
+def test_usage_query_sql_is_exact() -> None:
+    sql, params = UsageQuery("acme", "api_calls", 1_000, 2_000).to_sql()
+    assert sql == (
+        "SELECT sum(quantity) AS quantity, count() AS events\n"
+        "FROM meterline.raw_events_deduplicated\n"
+        "WHERE customer = {customer:String}\n"
+        "  AND meter = {meter:String}\n"
+        "  AND timestamp_ms >= {start_ms:Int64}\n"
+        "  AND timestamp_ms < {end_ms:Int64}"
+    )
+    assert params == {"customer": "acme", "meter": "api_calls", "start_ms": 1_000,
+                      "end_ms": 2_000}
+
+
+def test_usage_query_uses_the_given_database() -> None:
+    sql, _ = UsageQuery("a", "m", 0, 1, database="billing").to_sql()
+    assert "FROM billing.raw_events_deduplicated\n" in sql
+
+
+def test_usage_query_values_never_reach_the_sql_text() -> None:
+    sql, params = UsageQuery("x' OR 1=1 --", "m", 0, 1).to_sql()
+    assert "OR 1=1" not in sql
+    assert params["customer"] == "x' OR 1=1 --"
+
+
+def test_usage_query_validation_collects_errors() -> None:
+    with pytest.raises(SinkConfigError) as info:
+        UsageQuery("a", "m", 1.5, 1, database="no-good").to_sql()  # type: ignore[arg-type]
+    assert len(info.value.errors) == 2
+    with pytest.raises(SinkConfigError, match="empty range"):
+        UsageQuery("a", "m", 5, 5).to_sql()
+
+
+def test_summary_query_without_filters() -> None:
+    sql, params = UsageSummaryQuery().to_sql()
+    assert sql == (
+        "SELECT customer, meter, sum(quantity) AS quantity, count() AS events,"
+        " min(timestamp_ms) AS first_timestamp_ms, max(timestamp_ms) AS last_timestamp_ms\n"
+        "FROM meterline.raw_events_deduplicated\n"
+        "GROUP BY customer, meter\n"
+        "ORDER BY customer, meter"
+    )
+    assert params == {}
+
+
+def test_summary_query_with_every_filter() -> None:
+    sql, params = UsageSummaryQuery(start_ms=10, end_ms=20, customer="acme").to_sql()
+    assert sql == (
+        "SELECT customer, meter, sum(quantity) AS quantity, count() AS events,"
+        " min(timestamp_ms) AS first_timestamp_ms, max(timestamp_ms) AS last_timestamp_ms\n"
+        "FROM meterline.raw_events_deduplicated\n"
+        "WHERE customer = {customer:String}\n"
+        "  AND timestamp_ms >= {start_ms:Int64}\n"
+        "  AND timestamp_ms < {end_ms:Int64}\n"
+        "GROUP BY customer, meter\n"
+        "ORDER BY customer, meter"
+    )
+    assert params == {"customer": "acme", "start_ms": 10, "end_ms": 20}
+
+
+def test_summary_query_open_ended_range() -> None:
+    sql, params = UsageSummaryQuery(start_ms=10).to_sql()
+    assert "WHERE timestamp_ms >= {start_ms:Int64}\nGROUP BY" in sql
+    assert params == {"start_ms": 10}
+
+
+def test_parse_converts_decimals_exactly() -> None:
+    query = UsageQuery("a", "m", 0, 1)
+    assert query.parse([(Decimal("12345678901234567890.123456789"), 3)]) == UsageTotals(
+        quantity_nano=12345678901234567890123456789, events=3
+    )
+    with pytest.raises(SinkError):
+        query.parse([])
+
+
+def test_nano_from_decimal_refuses_floats() -> None:
+    assert nano_from_decimal(Decimal("7E-9")) == 7
+    assert nano_from_decimal(Decimal("-0.100000000")) == -100_000_000
+    with pytest.raises(SinkError):
+        nano_from_decimal(0.1)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_raw_event_validation_collects_every_error(make_raw_events: Any) -> None:
+    rows = make_raw_events(2, quantity_nano=[1, 0.5], timestamp_ms=[1, True],
+                           ingested_at_ms=[2**63, 1])
+    rows = type(rows)(**{**rows.as_columns(), "customer": ["only one"]})
+    with pytest.raises(SinkConfigError) as info:
+        rows.validate()
+    errors = info.value.errors
+    assert len(errors) == 4
+    assert "different lengths" in errors[0]
+    assert any("quantity_nano" in e and "float" in e for e in errors)
+    assert any("timestamp_ms" in e and "bool" in e for e in errors)
+    assert any("ingested_at_ms" in e and "outside" in e for e in errors)
+
+
+def test_quantities_may_exceed_int64_but_not_decimal_38_9(make_raw_events: Any) -> None:
+    make_raw_events(1, quantity_nano=10**38 - 1).validate()
+    with pytest.raises(SinkConfigError):
+        make_raw_events(1, quantity_nano=10**38).validate()
+
+
+# --------------------------------------------------------------------------- against chDB
+
+
+def test_insert_and_read_back_usage(migrated_storage: Any, make_raw_events: Any,
+                                    now_ms: int) -> None:
+    rows = make_raw_events(
+        4,
+        meter=["api_calls", "api_calls", "api_calls", "tokens"],
+        quantity_nano=[100_000_000, 200_000_000, 7, 5_000_000_000],
+        timestamp_ms=[now_ms, now_ms + 1, now_ms + 10, now_ms],
+    )
+    assert insert_raw_events(migrated_storage, rows) == 4
+    db = migrated_storage.database
+    totals = UsageQuery("acme", "api_calls", now_ms, now_ms + 10, database=db).run(
+        migrated_storage
+    )
+    assert totals == UsageTotals(quantity_nano=300_000_000, events=2)  # end is exclusive
+
+    summary = UsageSummaryQuery(database=db).run(migrated_storage)
+    assert summary == [
+        UsageSummaryRow("acme", "api_calls", 300_000_007, 3, now_ms, now_ms + 10),
+        UsageSummaryRow("acme", "tokens", 5_000_000_000, 1, now_ms, now_ms),
+    ]
+
+
+def test_redelivered_events_count_once_and_last_delivery_wins(
+    migrated_storage: Any, make_raw_events: Any, now_ms: int
+) -> None:
+    db = migrated_storage.database
+    first = make_raw_events(3, batch_id="b1", ingested_at_ms=now_ms + 1)
+    insert_raw_events(migrated_storage, first)
+    # an SDK retry re-sends the batch; a spool replay re-sends it again later
+    insert_raw_events(migrated_storage, make_raw_events(3, batch_id="b1-retry",
+                                                        ingested_at_ms=now_ms + 2))
+    insert_raw_events(migrated_storage, make_raw_events(3, batch_id="b1-replay",
+                                                        ingested_at_ms=now_ms + 3))
+    totals = UsageQuery("acme", "api_calls", now_ms, now_ms + 100, database=db).run(
+        migrated_storage
+    )
+    assert totals == UsageTotals(quantity_nano=300_000_000, events=3)
+    batches = migrated_storage.query_rows(
+        f"SELECT DISTINCT batch_id FROM {db}.raw_events_deduplicated"
+    )
+    assert batches == [("b1-replay",)]
+    # still exact after the background merge physically collapses the rows
+    migrated_storage.execute(f"OPTIMIZE TABLE {db}.raw_events FINAL")
+    assert migrated_storage.query_rows(f"SELECT count() FROM {db}.raw_events") == [(3,)]
+
+
+def test_empty_batches_are_not_sent(chdb_storage: Any, make_raw_events: Any) -> None:
+    # no tables exist in this database: an empty insert must not touch storage
+    assert insert_raw_events(chdb_storage, make_raw_events(0)) == 0
+
+
+def test_dead_letters_keep_payload_bytes(migrated_storage: Any, now_ms: int) -> None:
+    rows = DeadLetterColumns(
+        received_at_ms=[now_ms, now_ms + 1],
+        source=["usage-events", "http"],
+        source_partition=[3, -1],
+        source_offset=[42, -1],
+        batch_id=["b1", ""],
+        reason=["unknown meter 'x'", "not json"],
+        payload=[b"\x00\xff\xfe", "{broken"],
+    )
+    assert insert_dead_letters(migrated_storage, rows) == 2
+    db = migrated_storage.database
+    got = migrated_storage.query_rows(
+        f"SELECT received_at_ms, source, source_partition, source_offset, batch_id, reason, "
+        f"hex(payload) FROM {db}.dead_letters ORDER BY received_at_ms"
+    )
+    assert got == [
+        (now_ms, "usage-events", 3, 42, "b1", "unknown meter 'x'", "00FFFE"),
+        (now_ms + 1, "http", -1, -1, "", "not json", b"{broken".hex().upper()),
+    ]
