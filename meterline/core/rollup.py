@@ -68,15 +68,8 @@ NEGATIVE_QUANTITY = "negative_quantity"
 QUANTITY_OUT_OF_RANGE = "quantity_out_of_range"  # would not fit Decimal(38, 9)
 DIMENSION_NOT_ALLOWED = "dimension_not_allowed"
 MISSING_UNIQUE_VALUE = "missing_unique_value"
-REJECTION_REASONS = (
-    MISSING_CUSTOMER,
-    UNKNOWN_METER,
-    TIMESTAMP_OUT_OF_RANGE,
-    NEGATIVE_QUANTITY,
-    QUANTITY_OUT_OF_RANGE,
-    DIMENSION_NOT_ALLOWED,
-    MISSING_UNIQUE_VALUE,
-)
+REJECTION_REASONS = (MISSING_CUSTOMER, UNKNOWN_METER, TIMESTAMP_OUT_OF_RANGE, NEGATIVE_QUANTITY,
+                     QUANTITY_OUT_OF_RANGE, DIMENSION_NOT_ALLOWED, MISSING_UNIQUE_VALUE)
 
 Group = tuple[tuple[str, str], ...]  # (dimension, value) in the meter's group_by order
 
@@ -198,7 +191,7 @@ class RollupState:
     def __len__(self) -> int:
         return len(self._cells)
 
-    def keys(self) -> list[WindowKey]:
+    def window_keys(self) -> list[WindowKey]:
         return list(self._cells)
 
     def apply_batch(self, batch: Batch, registry: MeterRegistry, dedupers: Dedupers,
@@ -301,11 +294,14 @@ class RollupState:
                 state = agg.merge(state, hourly.state)
         return agg.result(state)
 
-    def evict_closed(self, watermark_ms: int) -> list[WindowKey]:
-        """Drop windows that can no longer change. Snapshot their last changes first."""
-        lateness = self.allowed_lateness_ms
-        closed = [key for key in self._cells
-                  if key.window_start_ms + _SIZES[key.window] + lateness <= watermark_ms]
+    def evict_closed(self, watermark: PartitionWatermark) -> list[WindowKey]:
+        """Drop windows that can no longer change; snapshot their last changes first.
+
+        Takes the partition's watermark object, not a number: evicting a window that is
+        still open would restart its version at 1 and the stale row would win in storage.
+        """
+        limit = watermark.watermark_ms - self.allowed_lateness_ms  # the too-late rule
+        closed = [key for key in self._cells if key.window_start_ms + _SIZES[key.window] <= limit]
         for key in closed:
             del self._cells[key]
         return closed
