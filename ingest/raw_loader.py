@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meterline.core.envelope import decode_batch
 from meterline.core.errors import EnvelopeError
@@ -86,8 +87,8 @@ def build_rows(
                          "quantity": str(batch.quantities[i]),
                          "timestamp_ms": batch.timestamps_ms[i]}
                 dead_letter(rec, batch.batch_id, reason, orjson.dumps(event))
-        take = (lambda col: col) if len(ok) == len(batch) else (lambda col: [col[i] for i in ok])
         n = len(ok)
+        take = _identity if n == len(batch) else _picker(ok)
         raw["event_id"] += take(ids)
         raw["batch_id"] += [batch.batch_id] * n
         raw["customer"] += take(batch.customers)
@@ -99,6 +100,14 @@ def build_rows(
         raw["ingested_at_ms"] += [now_ms] * n
         counters.events += n
     return RawEventColumns(**raw), DeadLetterColumns(**dead), counters
+
+
+def _identity(col: list[Any]) -> list[Any]:
+    return col
+
+
+def _picker(indices: list[int]) -> Callable[[list[Any]], list[Any]]:
+    return lambda col: [col[i] for i in indices]
 
 
 class RawEventLoader:
@@ -144,7 +153,7 @@ class RawEventLoader:
                 return self.totals
 
 
-def run_kafka_loader(config, *, until_idle_s: float | None = None) -> LoadCounters:  # type: ignore[no-untyped-def]
+def run_kafka_loader(config: Any, *, until_idle_s: float | None = None) -> LoadCounters:
     """`meterline load-raw`: the raw-events stage against Kafka and the configured storage."""
     from meterline.ingest.sources import KafkaSource
     from meterline.sinks.schema import migrate

@@ -51,7 +51,10 @@ class KafkaSource:
         for msg in self._consumer.consume(num_messages=max_records, timeout=timeout_s):
             if msg.error():
                 continue  # partition EOF and transient errors; librdkafka retries itself
-            out.append(SourceRecord(msg.topic(), msg.partition(), msg.offset(), msg.value()))
+            out.append(
+                SourceRecord(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0),
+                             bytes(msg.value() or b""))
+            )
         return out
 
     def commit(self, records: Sequence[SourceRecord]) -> None:

@@ -58,6 +58,7 @@ def build_batches(
         }
     else:
         groups = {}
+        part: int | None
         for item in items:
             part = partitions[item[0]]
             group = groups.get(part)
@@ -95,7 +96,7 @@ def _encode_into(
             source=source,
         )
     else:
-        full = [it if len(it) == 7 else _widen(it) for it in chunk]  # type: ignore[arg-type]
+        full = [it if len(it) == 7 else _widen(it) for it in chunk]
         customers, meters, quantities, timestamps, dims, ids, sources = zip(*full, strict=True)
         batch = Batch(
             batch_id=make_id(now_ms),

@@ -15,6 +15,7 @@ queue, or the spool. Failure of a send moves its batch to the spool, never to th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 import weakref
@@ -115,6 +116,7 @@ class Emitter:
         self._partitions: PartitionCache | None = None
         self._next_metadata_try = 0.0
         self._replay_inflight: set[int] = set()
+        self._unreported: dict[str, EncodedBatch] = {}
         self._replay_after = 0.0
         self._holding = False
         waiting_events, spooled_events = self._spool.counts()
@@ -171,7 +173,7 @@ class Emitter:
                 self._wait_for_room()
             # Short tuple: whole units and float seconds. Scaling to nano-units and integer
             # ms happens on the background thread (_take_buffered), off the caller's clock.
-            buffer.append((customer, meter, quantity, _time()))  # type: ignore[arg-type]
+            buffer.append((customer, meter, quantity, _time()))
             return
         self._emit_checked(customer, meter, quantity, timestamp_ms, dimensions, id, source)
 
@@ -256,9 +258,9 @@ class Emitter:
 
     def _check_dimensions(self, dimensions: Mapping[str, str]) -> dict[str, str]:
         try:
-            return check_dimensions(
-                dimensions if type(dimensions) is dict else dict(dimensions)  # type: ignore[arg-type]
-            )
+            # Always a private copy: the caller may reuse or mutate its dict after emit()
+            # returns, and the batch is encoded later on the background thread.
+            return check_dimensions(dict(dimensions))
         except (InvalidEventError, TypeError, ValueError) as exc:
             self._count_rejected()
             if isinstance(exc, InvalidEventError):
@@ -344,6 +346,10 @@ class Emitter:
         # Anything still in memory goes to disk: close() must not lose events.
         self._spool_leftovers()
         self._transport.close(min(timeout, 5.0))
+        unreported = list(self._unreported.values())
+        self._unreported.clear()
+        if unreported:
+            self._to_spool(unreported)
         self._closed = True
         self._spool.close()
         _live_emitters.discard(self)
@@ -456,6 +462,7 @@ class Emitter:
                         self.config.topic, batch.partition, batch.payload, self._direct_done(batch)
                     )
                 except Backpressure:
+                    self._unreported.pop(batch.batch_id, None)  # never reached librdkafka
                     direct = False
                     self._to_spool(batches[i:])
                     return
@@ -463,7 +470,14 @@ class Emitter:
             self._holding = False
 
     def _direct_done(self, batch: EncodedBatch) -> Any:
+        # Remember the batch until librdkafka reports on it: if close() gives up waiting
+        # (broker away), the unreported batches are spooled instead of vanishing with the
+        # producer. A batch that Kafka did store meanwhile is resent with the same ids.
+        self._unreported[batch.batch_id] = batch
+
         def done(err: BaseException | None) -> None:
+            if self._unreported.pop(batch.batch_id, None) is None:
+                return  # already spooled by close(); the replay will deliver it
             if err is None:
                 with self._count_lock:
                     self._counts["delivered"] += batch.count
@@ -558,10 +572,8 @@ class Emitter:
     def _report(self, err: BaseException) -> None:
         hook = self.config.on_error
         if hook is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken hook must not kill delivery
                 hook(err)
-            except Exception:  # a broken hook must not kill delivery
-                pass
 
 
 class _Never:
@@ -577,8 +589,6 @@ _live_emitters: weakref.WeakSet[Emitter] = weakref.WeakSet()
 def _close_at_exit() -> None:
     # Flush at interpreter exit, like analytics-python and OpenTelemetry's BatchSpanProcessor.
     for emitter in list(_live_emitters):
-        try:
+        with contextlib.suppress(Exception):
             emitter.close(timeout=10.0)
-        except Exception:
-            pass
 

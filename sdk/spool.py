@@ -146,7 +146,9 @@ class Spool:
                 "WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
-        return [SpooledBatch(seq, EncodedBatch(p, bid, n, bytes(pl))) for seq, p, bid, n, pl in rows]
+        return [
+            SpooledBatch(seq, EncodedBatch(p, bid, n, bytes(pl))) for seq, p, bid, n, pl in rows
+        ]
 
     def delete_batch(self, seq: int) -> None:
         with self._lock:

@@ -255,7 +255,7 @@ RAW_EVENTS = Table(
         Column("customer", "String"),
         Column("meter", "LowCardinality(String)"),
         Column("quantity_nano", "Int128", "EPHEMERAL",
-               comment="insert-only: quantity as an exact integer of 10^-9 units"),
+               comment="insert-only: exact quantity in 10^-9 units"),
         Column("quantity", QUANTITY_TYPE, "DEFAULT",
                f"reinterpret(quantity_nano, 'Decimal128({QUANTITY_SCALE})')"),
         Column("timestamp_ms", "Int64", comment="event time, UTC milliseconds"),

@@ -20,12 +20,12 @@ from urllib.parse import unquote, urlsplit
 from meterline.sinks.exceptions import (
     BackendUnavailableError,
     QueryError,
-    SinkError,
     StorageOpenError,
 )
 from meterline.sinks.storage import (
     DEFAULT_DATABASE,
     Params,
+    StorageBase,
     check_insert_columns,
     split_qualified,
 )
@@ -55,8 +55,8 @@ def client_kwargs_from_url(url: str) -> dict[str, Any]:
     return kwargs
 
 
-class ServerStorage:
-    """:class:`Storage` over a clickhouse-connect ``Client`` (injected, or built by :meth:`connect`)."""
+class ServerStorage(StorageBase):
+    """:class:`Storage` over a clickhouse-connect ``Client`` (injected, or from :meth:`connect`)."""
 
     def __init__(self, client: Any, database: str = DEFAULT_DATABASE) -> None:
         self._client = client
@@ -77,27 +77,11 @@ class ServerStorage:
         return cls(client, database)
 
     @property
-    def database(self) -> str:
-        return self._database
-
-    @property
     def client(self) -> Any:
         return self._client
 
-    def __enter__(self) -> ServerStorage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._client.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SinkError("storage is closed")
+    def _release(self) -> None:
+        self._client.close()
 
     def execute(self, sql: str, params: Params | None = None) -> None:
         self._check_open()

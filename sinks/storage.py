@@ -85,8 +85,10 @@ class Storage(Protocol):
 
     def query_rows(self, sql: str, params: Params | None = None) -> list[tuple[Any, ...]]:
         """Run a SELECT; Decimal columns come back as ``decimal.Decimal``, integers as
-        ``int``, Map as ``dict``. Select ``*_ms`` integers rather than DateTime columns:
-        the drivers do not agree on timezone handling of datetimes."""
+        ``int``, Map as ``dict``. Select ``*_ms`` integers rather than DateTime columns
+        (the drivers disagree on timezones), ``hex(col)`` for binary strings (non-UTF-8
+        values: chDB gives bytes, clickhouse-connect a hex str) and wide integers as
+        Decimal or text (chDB cannot return Int128)."""
         ...
 
     def insert_columns(
@@ -106,6 +108,41 @@ class Storage(Protocol):
     def close(self) -> None:
         """Release the engine/connection. Idempotent."""
         ...
+
+
+class StorageBase:
+    """Lifecycle shared by the drivers: a database name, close-once, context manager.
+
+    Drivers implement ``_release()`` (free the engine or connection) and call
+    ``_check_open()`` before touching it.
+    """
+
+    _database: str
+    _closed: bool = False
+
+    @property
+    def database(self) -> str:
+        return self._database
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            from meterline.sinks.exceptions import SinkError
+
+            raise SinkError("storage is closed")
 
 
 @dataclass(frozen=True, repr=False)
@@ -136,11 +173,12 @@ class StorageConfig:
         """Raise :class:`SinkConfigError` listing every problem found."""
         errors: list[str] = []
         if self.url and self.data_dir:
-            errors.append("set either url (ClickHouse server) or data_dir (embedded chDB), not both")
+            errors.append("set either url (ClickHouse server) or data_dir (embedded chDB), "
+                          "not both")
         if not self.url and not self.data_dir:
             errors.append("set url (ClickHouse server) or data_dir (embedded chDB)")
         if not is_identifier(self.database):
-            errors.append(f"database {self.database!r} is not a plain identifier [A-Za-z_][A-Za-z0-9_]*")
+            errors.append(f"database {self.database!r} is not a plain identifier")
         if self.url:
             parts = urlsplit(self.url)
             if parts.scheme not in ("http", "https"):

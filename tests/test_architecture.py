@@ -69,7 +69,11 @@ def test_import_checker_catches_offenders(tmp_path: Path) -> None:
     )
     modules = [m for _, m in _imports(bad)]
     assert modules == ["os", "faust", "meterline.sdk", "meterline.core", "meterline", "orjson"]
-    assert [m for m in modules if not _allowed_in_core(m)] == ["faust", "meterline.sdk", "meterline"]
+    assert [m for m in modules if not _allowed_in_core(m)] == [
+        "faust",
+        "meterline.sdk",
+        "meterline",
+    ]
 
 
 BLOCKED_IMPORT = textwrap.dedent(

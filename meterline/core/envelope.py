@@ -108,8 +108,9 @@ class Batch:
 
 
 def encode_batch(batch: Batch) -> bytes:
-    quantities: list[int | str] | list[int] = batch.quantities
-    if quantities and (min(quantities) < INT64_MIN or max(quantities) > INT64_MAX):
+    qs = batch.quantities
+    quantities: list[int | str] | list[int] = qs
+    if qs and (min(qs) < INT64_MIN or max(qs) > INT64_MAX):
         # JSON readers (orjson included) turn integers past 64 bits into floats, so huge
         # single quantities travel as decimal strings of nano-units.
         quantities = [
@@ -213,7 +214,8 @@ def _str_column(
     types = set(map(type, col))
     allowed = {str, type(None)} if nullable else {str}
     if not types <= allowed:
-        raise EnvelopeError("bad_column", f"{name} entries must be str{' or null' if nullable else ''}")
+        kinds = "str or null" if nullable else "str"
+        raise EnvelopeError("bad_column", f"{name} entries must be {kinds}")
     lengths = [len(v) for v in col if v is not None] if nullable else list(map(len, col))
     if lengths and (min(lengths) < min_len or max(lengths) > max_len):
         raise EnvelopeError(

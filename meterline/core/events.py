@@ -96,7 +96,12 @@ def check_source(source: object) -> str | None:
     if source is None:
         return None
     # Non-empty: the envelope's per-event source column rejects "" (as it does for ids).
-    if type(source) is not str or not source or len(source) > MAX_SOURCE_LEN or not is_utf8(source):
+    if (
+        type(source) is not str
+        or not source
+        or len(source) > MAX_SOURCE_LEN
+        or not is_utf8(source)
+    ):
         raise InvalidEventError(
             "source", f"must be a non-empty str of <= {MAX_SOURCE_LEN} characters"
         )

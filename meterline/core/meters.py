@@ -18,7 +18,7 @@ Loading validates every meter and reports *all* problems at once (``ConfigError.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -83,7 +83,7 @@ class MeterRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._meters
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Meter]:
         return iter(self._meters.values())
 
     def __len__(self) -> int:
@@ -130,6 +130,8 @@ def _parse(doc: Mapping[str, Any]) -> tuple[list[Meter], list[str]]:
             errors.append(f"{where}: unknown key(s) {', '.join(unknown)}")
         agg_name = spec.get("aggregation")
         try:
+            if not isinstance(agg_name, str):
+                raise ValueError(agg_name)
             aggregation = Aggregation(agg_name)
         except ValueError:
             errors.append(

@@ -6,6 +6,8 @@ import ast
 import copy
 import inspect
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,6 +32,8 @@ from meterline.core.events import (
     MAX_SOURCE_LEN,
     UsageEvent,
 )
+from meterline.core.ids import id_timestamp_ms
+from meterline.core.partitioning import partition_for
 from meterline.core.quantity import INT64_MAX, INT64_MIN
 
 TS = 1_700_000_000_000
@@ -132,7 +136,12 @@ def test_quantities_beyond_int64_travel_as_strings() -> None:
     batch = make_batch(n=len(qs), quantities=qs)
     doc = doc_of(batch)
     assert doc["quantity"] == [
-        INT64_MAX, str(INT64_MAX + 1), INT64_MIN, str(INT64_MIN - 1), str(10**37), str(-(10**37))
+        INT64_MAX,
+        str(INT64_MAX + 1),
+        INT64_MIN,
+        str(INT64_MIN - 1),
+        str(10**37),
+        str(-(10**37)),
     ]
     back = decode_batch(encode_batch(batch))
     assert back.quantities == qs
@@ -326,3 +335,43 @@ def test_decoder_does_not_mutate_or_share_input_semantics() -> None:
     snapshot = copy.deepcopy(doc)
     decode_batch(orjson.dumps(doc))
     assert doc == snapshot
+
+
+# -- docs/envelope.md --------------------------------------------------------------------
+DOC = Path(__file__).resolve().parents[2] / "docs" / "envelope.md"
+
+
+def _json_blocks() -> list[str]:
+    text = DOC.read_text(encoding="utf-8")
+    return re.findall(r"```json\n(.*?)```", text, flags=re.S)
+
+
+def test_documented_examples_decode() -> None:
+    full, minimal = _json_blocks()
+    batch = decode_batch(full.encode())
+    events = list(batch.events())
+    assert [(e.id, e.customer, e.meter, e.quantity, e.source) for e in events] == [
+        ("01JD2Z8Y3K4M5N6P7Q8R9S0T1V-0", "initech", "api_calls", 10**9, "checkout-service"),
+        ("inv-2024-11-0042", "umbrella", "storage_gb", 12_500_000_000, "checkout-service"),
+        ("01JD2Z8Y3K4M5N6P7Q8R9S0T1V-2", "initech", "tokens", 1, "batch-job"),
+        (
+            "01JD2Z8Y3K4M5N6P7Q8R9S0T1V-3",
+            "umbrella",
+            "credits",
+            12345678901234567890123456789,
+            "checkout-service",
+        ),
+    ]
+    assert events[0].dimensions == {"endpoint": "/v1/search", "region": "eu"}
+    assert {partition_for(c, 12) for c in batch.customers} == {6}  # as the doc says
+    assert id_timestamp_ms(batch.batch_id) == batch.created_ms
+    assert len(decode_batch(minimal.strip().encode())) == 1
+
+
+def test_documented_reasons_match_code() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `([a-z_]+)` \|", text, flags=re.M))
+    assert set(REASONS) <= table
+    assert {
+        r for r in table if r.startswith(("not_", "bad_", "too_", "malformed", "unsupported"))
+    } == set(REASONS)

@@ -69,7 +69,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
     max_leaves=20,
 )
 
@@ -96,8 +98,27 @@ garbage = st.one_of(
     st.integers(min_value=2**63 - 3, max_value=2**64 + 3),
     st.floats(),  # NaN and infinities too (written as NaN / Infinity literals)
     st.sampled_from(
-        ["NaN", "nan", "Infinity", "-Infinity", "1e309", "-0", "0x10", "1_000", "--5", "-",
-         "", " 1", "1.5", "١٢", "9" * 61, "9" * 60, "-" + "9" * 59, "\u0000", "null"]
+        [
+            "NaN",
+            "nan",
+            "Infinity",
+            "-Infinity",
+            "1e309",
+            "-0",
+            "0x10",
+            "1_000",
+            "--5",
+            "-",
+            "",
+            " 1",
+            "1.5",
+            "١٢",
+            "9" * 61,
+            "9" * 60,
+            "-" + "9" * 59,
+            "\u0000",
+            "null",
+        ]
     ),
     st.text(max_size=300),
     json_values,
@@ -115,7 +136,9 @@ def valid_docs(draw: st.DrawFn) -> dict[str, Any]:
         "created_ms": draw(st.integers(min_value=0, max_value=2**63 - 1)),
         "count": n,
         "customer": draw(st.lists(st.text(max_size=10), min_size=n, max_size=n)),
-        "meter": draw(st.lists(st.sampled_from(["api_calls", "tokens", ""]), min_size=n, max_size=n)),
+        "meter": draw(
+            st.lists(st.sampled_from(["api_calls", "tokens", ""]), min_size=n, max_size=n)
+        ),
         "quantity": draw(
             st.lists(
                 st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -127,11 +150,14 @@ def valid_docs(draw: st.DrawFn) -> dict[str, Any]:
         "timestamp_ms": draw(st.lists(st.integers(0, 2**63 - 1), min_size=n, max_size=n)),
     }
     if draw(st.booleans()):
-        doc["id"] = draw(st.lists(st.none() | st.text(min_size=1, max_size=12), min_size=n, max_size=n))
+        doc["id"] = draw(
+            st.lists(st.none() | st.text(min_size=1, max_size=12), min_size=n, max_size=n)
+        )
     if draw(st.booleans()):
         doc["dimensions"] = draw(
             st.lists(
-                st.none() | st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), max_size=3),
+                st.none()
+                | st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), max_size=3),
                 min_size=n,
                 max_size=n,
             )
@@ -194,7 +220,8 @@ def apply(doc: dict[str, Any], op: str, key: str, value: Any) -> None:
         if op == "element" and col:
             col[len(col) // 2] = value
         elif op == "truncate":
-            col.pop()
+            if col:
+                col.pop()
         else:
             col.append(value)
     elif op == "dimension":
@@ -253,7 +280,9 @@ def batches(draw: st.DrawFn) -> Batch:
             | st.integers(-(10**12), 10**12)
         ),
         timestamps_ms=column(st.integers(min_value=0, max_value=2**63 - 1)),
-        ids=column(st.none() | safe_text.filter(lambda s: 0 < len(s) <= MAX_ID_LEN)) if maybe() else None,
+        ids=column(st.none() | safe_text.filter(lambda s: 0 < len(s) <= MAX_ID_LEN))
+        if maybe()
+        else None,
         dimensions=column(
             st.none()
             | st.dictionaries(

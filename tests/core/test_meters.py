@@ -93,7 +93,7 @@ def test_three_mistakes_give_three_errors(tmp_path: Path) -> None:
 
 def test_error_message_lists_all(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
-        MeterRegistry.load(write(tmp_path, '[meters.a]\naggregation = 1\n[meters.b]\nunit = 2\n'))
+        MeterRegistry.load(write(tmp_path, "[meters.a]\naggregation = 1\n[meters.b]\nunit = 2\n"))
     text = str(exc.value)
     assert "has 3 error(s)" in text
     assert exc.value.errors[0] in text and exc.value.errors[-1] in text
@@ -189,7 +189,9 @@ def test_from_mapping() -> None:
 def test_all_aggregations_load(tmp_path: Path) -> None:
     parts = []
     for agg in Aggregation:
-        extra = 'value_property = "v"\ndimensions = ["v"]\n' if agg is Aggregation.UNIQUE_COUNT else ""
+        extra = (
+            'value_property = "v"\ndimensions = ["v"]\n' if agg is Aggregation.UNIQUE_COUNT else ""
+        )
         parts.append(f'[meters.m_{agg.value}]\naggregation = "{agg.value}"\n{extra}')
     reg = MeterRegistry.load(write(tmp_path, "\n".join(parts)))
     assert {m.aggregation for m in reg} == set(Aggregation)

@@ -42,6 +42,17 @@ class RecordingTransport(MemoryTransport):
         self.attempts.append((partition, payload))
 
 
+def spooled_event_count(spool: Path) -> int:
+    """Events on disk, waiting or batched. One statement, so one consistent snapshot even
+    while the emitter moves events into batches."""
+    with sqlite3.connect(spool / "spool.db") as db:
+        (n,) = db.execute(
+            "SELECT (SELECT count(*) FROM events)"
+            " + (SELECT coalesce(sum(count), 0) FROM batches)"
+        ).fetchone()
+    return int(n)
+
+
 def delivered(transport: MemoryTransport) -> list[tuple[int, Batch]]:
     return [(part, decode_batch(payload)) for part, payload in transport.records]
 
@@ -274,11 +285,12 @@ def test_sum_delivered_equals_sum_emitted_exactly(make_emitter: Callable[..., Em
 def test_event_fields_arrive_intact(make_emitter: Callable[..., Emitter]) -> None:
     transport = RecordingTransport()
     em = make_emitter(transport, source="svc-a")
-    em.emit("c1", "api_calls", 3, timestamp_ms=TS, dimensions={"region": "eu"}, id="k-1",
-            source="svc-b")
+    em.emit(
+        "c1", "api_calls", 3, timestamp_ms=TS, dimensions={"region": "eu"}, id="k-1", source="svc-b"
+    )
     em.emit("c1", "api_calls", "0.25", timestamp_ms=TS + 1)
     assert em.flush(5)
-    (part, batch), = delivered(transport)
+    ((part, batch),) = delivered(transport)
     assert part == partition_for("c1", 4)
     events = list(batch.events())
     assert [(e.id, e.quantity, e.timestamp_ms, e.dimensions, e.source) for e in events] == [
@@ -379,10 +391,7 @@ def test_close_with_transport_down_hands_over_to_next_emitter(
         em.emit(f"c{i % 9}", "api_calls", Decimal(i) / 10, id=f"e{i}")
     assert em.close(timeout=0.3) is False
     assert down.records == []
-    with sqlite3.connect(spool / "spool.db") as db:
-        (in_batches,) = db.execute("SELECT coalesce(sum(count), 0) FROM batches").fetchone()
-        (in_events,) = db.execute("SELECT count(*) FROM events").fetchone()
-    assert in_batches + in_events == 500
+    assert spooled_event_count(spool) == 500
 
     up = RecordingTransport()
     em2 = make_emitter(up, spool=spool)
@@ -445,10 +454,7 @@ def test_durable_mode_persists_before_emit_returns(
     em = make_emitter(transport, spool=spool, durability="durable")
     for i in range(20):
         em.emit("c", "api_calls", i, id=f"e{i}")
-        with sqlite3.connect(spool / "spool.db") as db:
-            (events,) = db.execute("SELECT count(*) FROM events").fetchone()
-            (batched,) = db.execute("SELECT coalesce(sum(count), 0) FROM batches").fetchone()
-        assert events + batched == i + 1
+        assert spooled_event_count(spool) == i + 1  # on disk before emit() returned
     assert em.stats().emitted == 20
     em.close(timeout=0.2)
 
@@ -479,10 +485,7 @@ def test_durable_mode_survives_abrupt_exit(
     # durability mode (events not yet cut into batches included).
     spool = tmp_path / "crash"
     subprocess.run([sys.executable, "-c", CHILD, str(spool)], cwd=REPO, check=True, timeout=60)
-    with sqlite3.connect(spool / "spool.db") as db:
-        (waiting,) = db.execute("SELECT count(*) FROM events").fetchone()
-        (batched,) = db.execute("SELECT coalesce(sum(count), 0) FROM batches").fetchone()
-    assert waiting + batched == 300
+    assert spooled_event_count(spool) == 300
     up = RecordingTransport()
     em = make_emitter(up, spool=spool, durability=next_durability)  # the dead child's lock is gone
     assert em.flush(10)
@@ -506,7 +509,9 @@ def test_failed_construction_releases_the_spool(tmp_path: Path) -> None:
     spool = tmp_path / "failed"
     with pytest.raises(InvalidEventError):
         Emitter(EmitterConfig(bootstrap_servers=None, spool_dir=spool))  # no transport
-    em = Emitter(EmitterConfig(bootstrap_servers=None, spool_dir=spool), transport=MemoryTransport())
+    em = Emitter(
+        EmitterConfig(bootstrap_servers=None, spool_dir=spool), transport=MemoryTransport()
+    )
     em.close(timeout=1)
 
 
@@ -569,9 +574,12 @@ def test_register_metrics(make_emitter: Callable[..., Emitter]) -> None:
     assert sample("meterline_sdk_pending_events", where="memory") == 0
     assert sample("meterline_sdk_pending_events", where="spool") == 0
     # Nothing leaked into the process-wide default registry.
-    assert prometheus_client.REGISTRY.get_sample_value(
-        "meterline_sdk_events_total", {"emitter": "t", "state": "emitted"}
-    ) is None
+    assert (
+        prometheus_client.REGISTRY.get_sample_value(
+            "meterline_sdk_events_total", {"emitter": "t", "state": "emitted"}
+        )
+        is None
+    )
     registry.unregister(collector)
 
 

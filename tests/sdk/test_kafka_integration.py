@@ -171,3 +171,31 @@ def test_emit_from_many_threads(kafka_broker: KafkaBroker, kafka_topic, tmp_path
                               until=lambda bs: event_count(bs) >= per_thread * threads)
     assert event_count(batches) == per_thread * threads
     assert sum(sum(b.quantities) for b in batches) == per_thread * threads * 500_000_000
+
+
+def test_close_while_broker_down_then_next_emitter_delivers(fresh_kafka_broker: KafkaBroker,
+                                                             tmp_path: Path):
+    broker = fresh_kafka_broker
+    topic = broker.create_topic("usage-close-down", partitions=4)
+    config = EmitterConfig(topic=topic, bootstrap_servers=broker.bootstrap,
+                           spool_dir=tmp_path / "spool", linger_ms=10)
+    first = Emitter(config)
+    for i in range(20_000):
+        first.emit(f"cust-{i % 17}", "api_calls", 1, id=f"a{i}")
+    assert first.flush(timeout=60)
+    broker.stop()
+    for i in range(30_000):
+        first.emit(f"cust-{i % 17}", "api_calls", 1, id=f"b{i}")
+    # The app shuts down while Kafka is away: close() gives up waiting, and whatever was in
+    # memory or unacknowledged in librdkafka must land in the spool.
+    assert first.close(timeout=2) is False
+    assert first.stats().pending_in_spool >= 30_000
+
+    broker.start()
+    second = Emitter(config)
+    assert second.flush(timeout=120), second.stats()
+    second.close()
+    batches = consume_batches(broker.bootstrap, topic,
+                              until=lambda bs: event_count(bs) >= 50_000, idle_s=1)
+    ids = {e for b in batches for e in b.event_ids()}
+    assert ids == {f"a{i}" for i in range(20_000)} | {f"b{i}" for i in range(30_000)}

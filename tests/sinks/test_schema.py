@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS meterline.raw_events
     batch_id String COMMENT 'SDK/ingest batch the event arrived in',
     customer String,
     meter LowCardinality(String),
-    quantity_nano Int128 EPHEMERAL COMMENT 'insert-only: quantity as an exact integer of 10^-9 units',
+    quantity_nano Int128 EPHEMERAL COMMENT 'insert-only: exact quantity in 10^-9 units',
     quantity Decimal(38, 9) DEFAULT reinterpret(quantity_nano, 'Decimal128(9)'),
     timestamp_ms Int64 COMMENT 'event time, UTC milliseconds',
     event_time DateTime64(3, 'UTC') ALIAS fromUnixTimestamp64Milli(timestamp_ms, 'UTC'),
@@ -144,12 +144,17 @@ def test_retention_defaults() -> None:
     assert (policy.hourly_rollups_days, policy.daily_rollups_days) == (400, 2557)
 
 
+def _untyped(value: Any) -> Any:
+    """Lets a test pass a wrongly typed value, as a config file could."""
+    return value
+
+
 def test_retention_validate_collects_every_error() -> None:
     policy = RetentionPolicy(
         raw_events_days=0,
         dead_letters_days=-1,
-        hourly_rollups_days=1.5,  # type: ignore[arg-type]
-        daily_rollups_days=True,  # type: ignore[arg-type]
+        hourly_rollups_days=_untyped(1.5),
+        daily_rollups_days=_untyped(True),
     )
     with pytest.raises(SinkConfigError) as info:
         policy.validate()

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -181,6 +182,7 @@ def main() -> None:
               f"{statistics.median(rates):>10,.0f} rows/s   exact={exact}", flush=True)
     server.close()
     storage.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _chdb_version() -> str:
