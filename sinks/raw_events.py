@@ -68,8 +68,18 @@ def _check_ints(
         errors.append(f"{name} has values outside [{low}, {high}]")
 
 
+class _Columns:
+    """Shared by the column bundles: length is the first column's, columns by field name."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, fields(self)[0].name))  # type: ignore[arg-type]
+
+    def as_columns(self) -> dict[str, Sequence[Any]]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class RawEventColumns:
+class RawEventColumns(_Columns):
     """A batch of validated events, one list per column (index i is event i)."""
 
     event_id: Sequence[str]
@@ -81,12 +91,6 @@ class RawEventColumns:
     dimensions: Sequence[Mapping[str, str]]
     source: Sequence[str]
     ingested_at_ms: Sequence[int]
-
-    def __len__(self) -> int:
-        return len(self.event_id)
-
-    def as_columns(self) -> dict[str, Sequence[Any]]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
         """Raise :class:`SinkConfigError` listing every problem found."""
@@ -103,7 +107,7 @@ class RawEventColumns:
 
 
 @dataclass(frozen=True)
-class DeadLetterColumns:
+class DeadLetterColumns(_Columns):
     """Rejected records, one list per column. ``payload`` keeps the original bytes."""
 
     received_at_ms: Sequence[int]
@@ -113,12 +117,6 @@ class DeadLetterColumns:
     batch_id: Sequence[str]
     reason: Sequence[str]
     payload: Sequence[bytes | str]
-
-    def __len__(self) -> int:
-        return len(self.received_at_ms)
-
-    def as_columns(self) -> dict[str, Sequence[Any]]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
         errors: list[str] = []
