@@ -18,6 +18,9 @@ class SourceRecord:
     partition: int
     offset: int
     payload: bytes
+    # The log's timestamp (Kafka LogAppendTime on Meterline's topics), UTC ms; -1 when the
+    # source has none. The rollup stage uses it as its replayable processing clock.
+    timestamp_ms: int = -1
 
 
 class RecordSource(Protocol):
@@ -51,9 +54,10 @@ class KafkaSource:
         for msg in self._consumer.consume(num_messages=max_records, timeout=timeout_s):
             if msg.error():
                 continue  # partition EOF and transient errors; librdkafka retries itself
+            ts_type, ts = msg.timestamp()
             out.append(
                 SourceRecord(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0),
-                             bytes(msg.value() or b""))
+                             bytes(msg.value() or b""), int(ts) if ts_type else -1)
             )
         return out
 

@@ -95,6 +95,16 @@ class InMemoryDeduper:
         self._order.append((now, key))
         return False
 
+    def export(self) -> tuple[int, list[tuple[int, str]]]:
+        """``(clock, [(first_seen_ms, id), ...] in first-seen order)`` for a checkpoint."""
+        return self._now_ms, list(self._order)
+
+    def restore(self, now_ms: int, entries: list[tuple[int, str]]) -> None:
+        """Replace the contents with an ``export()``; entries must be in first-seen order."""
+        self._now_ms = now_ms
+        self._order = deque((int(t), str(k)) for t, k in entries)
+        self._seen = {k: t for t, k in self._order}
+
     def expire(self, now_ms: int) -> int:
         cutoff = self._advance(now_ms) - self.horizon_ms  # seen at <= cutoff: forgotten
         order, seen, dropped = self._order, self._seen, 0
