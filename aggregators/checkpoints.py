@@ -180,10 +180,11 @@ class KafkaCheckpointStore:
                     raise TimeoutError(f"reading checkpoints from {self.topic} took over "
                                        f"{self._timeout_s}s")
                 for msg in consumer.consume(500, 1.0):
-                    if msg.error():
-                        if msg.error().code() == -191:  # _PARTITION_EOF
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == -191:  # _PARTITION_EOF
                             continue
-                        raise KafkaException(msg.error())
+                        raise KafkaException(err)
                     key = msg.key()
                     if key in wanted:
                         value = msg.value()

@@ -72,7 +72,7 @@ def make_records(n_batches: int, seed: int = 7) -> tuple[list[SourceRecord], dic
             payload = rng.choice(sent)
         else:
             customers, qtys, tss, ids = [], [], [], []
-            for i in range(rng.randrange(1, 40)):
+            for _ in range(rng.randrange(1, 40)):
                 c = f"c{rng.randrange(20)}"
                 q = rng.randrange(1, 10 * SCALE)
                 ts = clock - rng.randrange(0, 2 * HOUR_MS)
@@ -123,7 +123,7 @@ def test_crash_and_replay_from_a_checkpoint_changes_nothing(seed: int) -> None:
     proc = PartitionProcessor("usage", 0, REGISTRY)
     checkpoints = []
     crash_at = rng.randrange(20, len(records))
-    for i, rec in enumerate(records[:crash_at]):
+    for rec in records[:crash_at]:
         proc.process(rec)
         if rng.random() < 0.3:
             table.write(proc.take_flush())
