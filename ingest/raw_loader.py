@@ -17,6 +17,7 @@ from typing import Any
 from meterline.core.envelope import decode_batch
 from meterline.core.errors import EnvelopeError
 from meterline.core.events import METER_NAME_RE
+from meterline.core.outputs import WHOLE_RECORD
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.sinks.raw_events import (
     DeadLetterColumns,
@@ -50,15 +51,21 @@ def build_rows(
         "event_id", "batch_id", "customer", "meter", "quantity_nano", "timestamp_ms",
         "dimensions", "source", "ingested_at_ms")}
     dead: dict[str, list] = {k: [] for k in (
-        "received_at_ms", "source", "source_partition", "source_offset", "batch_id", "reason",
-        "payload")}
+        "received_at_ms", "source", "source_partition", "source_offset", "position", "stage",
+        "batch_id", "event_id", "reason", "payload")}
 
-    def dead_letter(rec: SourceRecord, batch_id: str, reason: str, payload: bytes) -> None:
-        dead["received_at_ms"].append(now_ms)
+    def dead_letter(rec: SourceRecord, position: int, batch_id: str, event_id: str,
+                    reason: str, payload: bytes) -> None:
+        # The log timestamp keeps a replayed dead letter identical to the first one; only
+        # a source without timestamps falls back to the loader's clock.
+        dead["received_at_ms"].append(rec.timestamp_ms if rec.timestamp_ms >= 0 else now_ms)
         dead["source"].append(rec.topic)
         dead["source_partition"].append(rec.partition)
         dead["source_offset"].append(rec.offset)
+        dead["position"].append(position)
+        dead["stage"].append("raw")
         dead["batch_id"].append(batch_id)
+        dead["event_id"].append(event_id)
         dead["reason"].append(reason)
         dead["payload"].append(payload)
         counters.add_reason(reason.split(":", 1)[0])
@@ -67,7 +74,8 @@ def build_rows(
         try:
             batch = decode_batch(rec.payload)
         except EnvelopeError as exc:
-            dead_letter(rec, "", f"envelope.{exc.reason}: {exc.detail}"[:500], rec.payload)
+            dead_letter(rec, WHOLE_RECORD, "", "", f"envelope.{exc.reason}: {exc.detail}"[:500],
+                        rec.payload)
             continue
         ids = batch.event_ids()
         sources = [s or "" for s in batch.event_sources()]
@@ -86,7 +94,7 @@ def build_rows(
                 event = {"id": ids[i], "customer": batch.customers[i], "meter": batch.meters[i],
                          "quantity": str(batch.quantities[i]),
                          "timestamp_ms": batch.timestamps_ms[i]}
-                dead_letter(rec, batch.batch_id, reason, orjson.dumps(event))
+                dead_letter(rec, i, batch.batch_id, ids[i], reason, orjson.dumps(event))
         n = len(ok)
         take = _identity if n == len(batch) else _picker(ok)
         raw["event_id"] += take(ids)

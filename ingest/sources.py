@@ -32,7 +32,8 @@ class RecordSource(Protocol):
 class KafkaSource:
     """confluent-kafka consumer; offsets are committed synchronously after processing."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, group_id: str, **extra: Any) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str | Sequence[str], group_id: str,
+                 **extra: Any) -> None:
         import logging
 
         from confluent_kafka import Consumer
@@ -47,7 +48,7 @@ class KafkaSource:
         }
         conf.update(extra)
         self._consumer = Consumer(conf, logger=logging.getLogger("meterline.ingest.kafka"))
-        self._consumer.subscribe([topic])
+        self._consumer.subscribe([topic] if isinstance(topic, str) else list(topic))
 
     def poll_records(self, max_records: int, timeout_s: float) -> list[SourceRecord]:
         out = []
@@ -79,7 +80,7 @@ class KafkaSource:
 
 
 class LocalLogRecordSource:
-    """The embedded local log as a RecordSource."""
+    """The embedded local log as a RecordSource; record timestamps are append times."""
 
     def __init__(self, log: Any, consumer: str, topic: str = "local") -> None:
         from meterline.ingest.local_log import LocalLogSource
@@ -87,16 +88,27 @@ class LocalLogRecordSource:
         self._source = LocalLogSource(log, consumer)
         self._topic = topic
 
-    def poll_records(self, max_records: int, timeout_s: float) -> list[SourceRecord]:
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    def poll_records(self, max_records: int, timeout_s: float = 0.0) -> list[SourceRecord]:
         return [
-            SourceRecord(self._topic, r.partition, r.offset, r.payload)
+            SourceRecord(self._topic, r.partition, r.offset, r.payload, r.timestamp_ms)
             for r in self._source.poll_records(max_records)
         ]
+
+    def seek(self, partition: int, offset: int) -> None:
+        self._source.seek(partition, offset)
 
     def commit(self, records: Sequence[SourceRecord]) -> None:
         from meterline.ingest.local_log import LogRecord
 
         self._source.commit([LogRecord(r.partition, r.offset, b"") for r in records])
+
+    def commit_offsets(self, next_offsets: dict[int, int]) -> None:
+        """Commit ``{partition: next offset}`` as given, e.g. a checkpoint's position."""
+        self._source.commit_offsets(next_offsets)
 
     def lag(self) -> int:
         return self._source.lag()

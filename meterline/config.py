@@ -12,6 +12,8 @@
 
     [retention]                    # days; see meterline.sinks.schema.RetentionPolicy
     raw_events_days = 35
+    [retention.meters.storage_gb]  # per meter: raw_events, late_events, *_rollups days
+    raw_events_days = 90
 
     [meters]
     file = "meters.toml"           # default: the demo meters shipped with Meterline
@@ -52,7 +54,8 @@ class StorageSettings:
 class AppConfig:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
-    retention: dict[str, int] = field(default_factory=dict)
+    # RetentionPolicy keyword arguments: ``*_days`` ints and ``meters`` {meter: {field: days}}
+    retention: dict[str, Any] = field(default_factory=dict)
     meters_file: Path = DEFAULT_METERS
 
     def storage_config(self) -> Any:
@@ -93,12 +96,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         storage["url"] = env["METERLINE_CLICKHOUSE_URL"]
     if "METERLINE_DATA_DIR" in env:
         storage["data_dir"] = env["METERLINE_DATA_DIR"]
-    retention = doc.get("retention", {})
-    if not isinstance(retention, dict) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in retention.values()
-    ):
-        errors.append("[retention] values must be integers (days)")
-        retention = {}
+    retention = _retention_section(doc.get("retention", {}), errors)
     meters = doc.get("meters", {})
     meters_file = DEFAULT_METERS
     if isinstance(meters, dict) and "file" in meters:
@@ -109,16 +107,51 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     config = AppConfig(
         kafka=KafkaSettings(**kafka),
         storage=StorageSettings(**storage),
-        retention=dict(retention),
+        retention=retention,
         meters_file=meters_file,
     )
     try:
         config.retention_policy().validate()
     except (TypeError, ValueError) as exc:  # ConfigError / SinkConfigError carry .errors
         errors += [f"[retention] {e}" for e in getattr(exc, "errors", [str(exc)])]
+    overridden = sorted(retention.get("meters", {}))
+    if overridden and meters_file.is_file():
+        # A typo in a meter name would silently keep that meter's data for the default
+        # time; a broken meters file is reported by whoever loads the registry.
+        try:
+            known = set(MeterRegistry.load(meters_file).names)
+        except (TypeError, ValueError):
+            known = set(overridden)
+        errors += [f"[retention.meters.{m}] no meter {m!r} in {meters_file}"
+                   for m in overridden if m not in known]
     if errors:
         raise ConfigError(errors, source)
     return config
+
+
+def _retention_section(raw: Any, errors: list[str]) -> dict[str, Any]:
+    """``[retention]`` -> RetentionPolicy kwargs. Only shapes are checked here; values
+    (types, ranges, which fields a meter may set) are RetentionPolicy.validate()'s job."""
+    from meterline.sinks.schema import RetentionPolicy
+
+    if not isinstance(raw, dict):
+        errors.append("[retention] must be a table")
+        return {}
+    out: dict[str, Any] = {}
+    allowed = RetentionPolicy.day_fields()
+    for key, value in raw.items():
+        if key == "meters":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                errors.append("[retention.meters] must hold one table per meter, "
+                              "e.g. [retention.meters.storage_gb]")
+            else:
+                out["meters"] = {m: dict(t) for m, t in value.items()}
+        elif key in allowed:
+            out[key] = value
+        else:
+            errors.append(f"[retention] unknown key {key!r} "
+                          f"(known: {', '.join(allowed)}, [retention.meters.<meter>])")
+    return out
 
 
 def _section(doc: dict[str, Any], name: str, cls: type, errors: list[str]) -> dict[str, Any]:

@@ -15,7 +15,12 @@ from typing import Any
 
 from meterline.core.quantity import INT64_MAX, INT64_MIN, MAX_NANOS, to_nanos
 from meterline.sinks.exceptions import SinkConfigError, SinkError
-from meterline.sinks.schema import DEAD_LETTERS, RAW_EVENTS, RAW_EVENTS_DEDUPLICATED
+from meterline.sinks.schema import (
+    DEAD_LETTER_STAGES,
+    DEAD_LETTERS,
+    RAW_EVENTS,
+    RAW_EVENTS_DEDUPLICATED,
+)
 from meterline.sinks.storage import DEFAULT_DATABASE, Storage, is_identifier
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "nano_from_decimal",
 ]
 
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 # Skip ReplacingMergeTree's collapse at insert time: readers collapse with FINAL anyway and
 # background merges do it for storage; measured ~30% faster inserts on chDB.
@@ -108,13 +115,21 @@ class RawEventColumns(_Columns):
 
 @dataclass(frozen=True)
 class DeadLetterColumns(_Columns):
-    """Rejected records, one list per column. ``payload`` keeps the original bytes."""
+    """Rejected records and events, one list per column. ``payload`` keeps the original
+    bytes of a whole record (``position`` -1), or the rejected event as JSON.
 
-    received_at_ms: Sequence[int]
+    A row is identified by ``(source, source_partition, source_offset, position, stage)``:
+    re-inserting it (a replay) leaves one row for readers of ``dead_letters FINAL``.
+    """
+
+    received_at_ms: Sequence[int]  # the record's log timestamp, stable across replays
     source: Sequence[str]
     source_partition: Sequence[int]  # -1 when the record did not come from Kafka
     source_offset: Sequence[int]  # -1 when the record did not come from Kafka
+    position: Sequence[int]  # event index in the batch, -1 for the whole record
+    stage: Sequence[str]  # one of DEAD_LETTER_STAGES
     batch_id: Sequence[str]
+    event_id: Sequence[str]  # "" for a whole record
     reason: Sequence[str]
     payload: Sequence[bytes | str]
 
@@ -122,8 +137,14 @@ class DeadLetterColumns(_Columns):
         errors: list[str] = []
         columns = self.as_columns()
         _check_lengths(columns, errors)
-        for name in ("received_at_ms", "source_partition", "source_offset"):
+        for name in ("received_at_ms", "source_offset"):
             _check_ints(name, columns[name], errors)
+        for name in ("source_partition", "position"):
+            _check_ints(name, columns[name], errors, INT32_MIN, INT32_MAX)
+        unknown = set(self.stage) - set(DEAD_LETTER_STAGES)
+        if unknown:
+            errors.append(f"stage must be one of {', '.join(DEAD_LETTER_STAGES)}, "
+                          f"found {sorted(map(repr, unknown))}")
         if errors:
             raise SinkConfigError("dead letter columns", errors)
 
@@ -162,6 +183,7 @@ def insert_dead_letters(
         return 0
     columns = rows.as_columns()
     # One representation per column: the drivers type a column by its first value.
+    # A str payload is text (an event as JSON): stored as its UTF-8 bytes.
     columns["payload"] = [p.encode() if isinstance(p, str) else bytes(p) for p in rows.payload]
     storage.insert_columns(
         DEAD_LETTERS.qualified(database or storage.database), columns, _DEAD_LETTER_TYPES

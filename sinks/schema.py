@@ -3,11 +3,16 @@
 Tables and views are data (:class:`Table`, :class:`View`); their SQL is rendered here and
 nowhere else, and the same text runs on embedded chDB and on a ClickHouse server.
 
-Adding a table (e.g. the hourly rollups): define a ``Table`` (give it a :class:`TtlRule`
-naming a :class:`RetentionPolicy` field if it expires), append a :class:`Migration` that
-lists it, and add a view if readers need one. :func:`migrate` creates what is missing,
-records the applied TTLs in ``schema_meta``, and runs ``ALTER TABLE ... MODIFY TTL`` when the
-configured retention no longer matches what was recorded.
+Adding a table: define a ``Table`` (give it a :class:`TtlRule` naming a
+:class:`RetentionPolicy` field if it expires), append a :class:`Migration` that lists it,
+and add a view if readers need one. :func:`migrate` creates what is missing, records the
+applied TTL text and view digests in ``schema_meta``, and runs ``ALTER TABLE ... MODIFY TTL``
+/ ``CREATE OR REPLACE VIEW`` when the configured retention or a view definition no longer
+matches what was recorded.
+
+Retention is per table and, for tables with a ``meter`` column, per meter: an override
+turns the table's TTL into several rules, ``<age> + N DELETE WHERE meter NOT IN (...)``
+for the default and one ``... DELETE WHERE meter = 'm'`` per overridden meter.
 
 Design notes for ``raw_events``:
 
@@ -29,6 +34,25 @@ Design notes for ``raw_events``:
   event_id)``: a redelivered event has the same sorting key and collapses to one row (the
   last delivery wins); per-customer time-range reads are a contiguous key range. Collapse
   happens at merge time, so readers go through ``raw_events_deduplicated`` (``FINAL``).
+
+Design notes for the rollups (``hourly_rollups``, ``daily_rollups``):
+
+* A row is the total of ONE source partition's events for one window, written by the
+  worker that owns the partition, as of ``version`` events (see ``meterline.core.rollup``).
+  ``ReplacingMergeTree(version)`` keeps the highest version, so a replayed or duplicated
+  flush is harmless. ``source`` and ``source_partition`` are in the sorting key: the SDK
+  keys records by customer, but a foreign producer may not, and then two partitions each
+  hold part of a customer's window; neither may replace the other.
+* ``hourly_usage`` / ``daily_usage`` combine those partial rows per window (FINAL first,
+  then GROUP BY the window key): ``sum`` for sum, count and unique_count; ``min``/``max``
+  for min/max; ``argMax(value, (source, source_partition))`` for latest. unique_count and
+  latest are exact only when a window's events live in one partition (what keying by
+  customer guarantees): a partition total of distinct users cannot be de-duplicated against
+  another partition's, and a partition row does not carry its latest event's timestamp.
+  ``source_partitions`` in the views shows when that assumption did not hold.
+* ``group_key`` (``meterline.core.outputs.group_key``) is the canonical text of the
+  dimension group, used in the sorting key; ``dimensions`` is the same group as a Map for
+  readers.
 """
 
 from __future__ import annotations
@@ -39,6 +63,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
+from meterline.core.events import METER_NAME_RE
 from meterline.sinks.exceptions import SinkConfigError, SinkError
 from meterline.sinks.storage import is_identifier
 
@@ -46,8 +71,15 @@ if TYPE_CHECKING:
     from meterline.sinks.storage import Storage
 
 __all__ = [
+    "DAILY_ROLLUPS",
+    "DAILY_USAGE",
     "DEAD_LETTERS",
+    "DEAD_LETTER_STAGES",
+    "HOURLY_ROLLUPS",
+    "HOURLY_USAGE",
+    "LATE_EVENTS",
     "MIGRATIONS",
+    "PER_METER_FIELDS",
     "RAW_EVENTS",
     "RAW_EVENTS_DEDUPLICATED",
     "SCHEMA_META",
@@ -88,43 +120,97 @@ def _check_identifier(name: str, what: str) -> None:
 # --------------------------------------------------------------------------- retention
 
 
+# Retention fields a per-meter override may set: those of the tables with a meter column
+# (a dead letter may not even have a readable meter).
+PER_METER_FIELDS = ("raw_events_days", "late_events_days", "hourly_rollups_days",
+                    "daily_rollups_days")
+# Coarser data outliving finer data is the point of rollups; the reverse is almost
+# certainly a typo in the config.
+_FINER_TO_COARSER = ("raw_events_days", "hourly_rollups_days", "daily_rollups_days")
+
+
+def _days_error(name: str, value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an int number of days, got {value!r}"
+    if value < 1:
+        return f"{name} must be >= 1 day, got {value}"
+    return None
+
+
 @dataclass(frozen=True)
 class RetentionPolicy:
     """How many days each table keeps rows, applied as ClickHouse TTL.
 
-    Changing a value and re-running :func:`migrate` alters the TTL in place.
+    ``meters`` overrides fields of :data:`PER_METER_FIELDS` for single meters, e.g.
+    ``{"storage_gb": {"raw_events_days": 90}}``. Changing a value and re-running
+    :func:`migrate` alters the TTL in place.
     """
 
     raw_events_days: int = 35  # a full billing month plus a few days to re-rate it
     dead_letters_days: int = 90  # a quarter: time to notice, fix and replay
     hourly_rollups_days: int = 400  # ~13 months: compare a month with the same month last year
     daily_rollups_days: int = 2557  # ~7 years: common statutory retention for billing records
+    late_events_days: int = 400  # as long as the hourly rollups they would have corrected
+    meters: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
 
-    def days_for(self, key: str) -> int:
+    @classmethod
+    def day_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "meters")
+
+    def days_for(self, key: str, meter: str | None = None) -> int:
+        """Days for ``key``; with ``meter``, that meter's override if it has one."""
         value = getattr(self, key, None)
-        if key not in {f.name for f in fields(self)} or not isinstance(value, int):
+        if key not in self.day_fields() or not isinstance(value, int):
             raise SinkError(f"RetentionPolicy has no field {key!r}")
+        if meter is not None:
+            override = self.meters.get(meter, {}).get(key)
+            if override is not None:
+                return override
         return value
+
+    def overrides(self, key: str) -> list[tuple[str, int]]:
+        """``(meter, days)`` overriding ``key``, sorted by meter so the TTL text is stable."""
+        return sorted((m, o[key]) for m, o in self.meters.items() if key in o)
 
     def validate(self) -> None:
         """Raise :class:`SinkConfigError` listing every problem found."""
-        errors: list[str] = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                errors.append(f"{f.name} must be an int number of days, got {value!r}")
-            elif value < 1:
-                errors.append(f"{f.name} must be >= 1 day, got {value}")
+        errors = [e for name in self.day_fields()
+                  if (e := _days_error(name, getattr(self, name))) is not None]
+        errors += self._meter_errors()
         if not errors:
-            # Coarser data outliving finer data is the point of rollups; the reverse is
-            # almost certainly a typo in the config.
-            chain = ["raw_events_days", "hourly_rollups_days", "daily_rollups_days"]
-            for finer, coarser in zip(chain, chain[1:], strict=False):
-                if getattr(self, finer) > getattr(self, coarser):
-                    errors.append(f"{finer} ({getattr(self, finer)}) exceeds {coarser} "
-                                  f"({getattr(self, coarser)})")
+            for meter in (None, *sorted(self.meters)):
+                chain = [(name, self.days_for(name, meter)) for name in _FINER_TO_COARSER]
+                for (finer, a), (coarser, b) in zip(chain, chain[1:], strict=False):
+                    if a > b:
+                        scope = "" if meter is None else f"meters.{meter}: "
+                        errors.append(f"{scope}{finer} ({a}) exceeds {coarser} ({b})")
         if errors:
             raise SinkConfigError("retention policy", errors)
+
+    def _meter_errors(self) -> list[str]:
+        if not isinstance(self.meters, Mapping):
+            return [f"meters must map meter names to {{field: days}}, got {self.meters!r}"]
+        errors: list[str] = []
+        for meter, table in self.meters.items():
+            # Meter names end up in TTL text: only registry-valid names are accepted.
+            if not isinstance(meter, str) or not METER_NAME_RE.match(meter):
+                errors.append(f"meters: {meter!r} is not a meter name "
+                              f"(must match {METER_NAME_RE.pattern})")
+            if not isinstance(table, Mapping):
+                errors.append(f"meters.{meter} must map fields to days, got {table!r}")
+                continue
+            for key, value in table.items():
+                name = f"meters.{meter}.{key}"
+                if key in PER_METER_FIELDS:
+                    if (error := _days_error(name, value)) is not None:
+                        errors.append(error)
+                elif key in self.day_fields():
+                    errors.append(f"{name}: {key.removesuffix('_days')} has no meter column, "
+                                  f"only {', '.join(PER_METER_FIELDS)} can be set per meter")
+                else:
+                    errors.append(f"{name}: unknown field (per meter: "
+                                  f"{', '.join(PER_METER_FIELDS)})")
+        return errors
 
 
 # --------------------------------------------------------------------------- objects
@@ -155,13 +241,33 @@ class Column:
 
 @dataclass(frozen=True)
 class TtlRule:
-    """Rows expire ``RetentionPolicy.<retention_field>`` days after ``age_expression``."""
+    """Rows expire ``RetentionPolicy.<retention_field>`` days after ``age_expression``.
+
+    With ``meter_column`` set, per-meter overrides of that field become extra rules.
+    """
 
     age_expression: str
     retention_field: str
+    meter_column: str | None = None
 
     def expression(self, retention: RetentionPolicy) -> str:
-        return f"{self.age_expression} + toIntervalDay({retention.days_for(self.retention_field)})"
+        default = self._rule(retention.days_for(self.retention_field))
+        overrides = retention.overrides(self.retention_field)
+        if not overrides:
+            return default
+        if self.meter_column is None:
+            raise SinkError(f"{self.retention_field} cannot be overridden per meter")
+        col = self.meter_column
+        names = ", ".join(sql_string(meter) for meter, _ in overrides)
+        # Every row must match exactly one rule: a row matched by the default rule too
+        # would expire at the earlier of the two dates.
+        rules = [f"{default} DELETE WHERE {col} NOT IN ({names})"]
+        rules += [f"{self._rule(days)} DELETE WHERE {col} = {sql_string(meter)}"
+                  for meter, days in overrides]
+        return ",\n    ".join(rules)
+
+    def _rule(self, days: int) -> str:
+        return f"{self.age_expression} + toIntervalDay({days})"
 
 
 @dataclass(frozen=True)
@@ -216,22 +322,30 @@ class Table:
 
 @dataclass(frozen=True)
 class View:
-    """A reader-facing view over ``source``; ``final`` collapses ReplacingMergeTree rows."""
+    """A reader-facing view over ``source``.
+
+    Either ``columns`` (``SELECT columns FROM source [FINAL]``; ``final`` collapses
+    ReplacingMergeTree rows) or a full ``query`` in which ``{source}`` stands for the
+    qualified source table.
+    """
 
     name: str
     source: Table
-    columns: tuple[str, ...]
+    columns: tuple[str, ...] = ()
     final: bool = True
+    query: str | None = None
 
     def qualified(self, database: str) -> str:
         _check_identifier(database, "database name")
         return f"{database}.{self.name}"
 
     def create_sql(self, database: str) -> str:
+        head = f"CREATE OR REPLACE VIEW {self.qualified(database)} AS\n"
+        if self.query is not None:
+            return head + self.query.replace("{source}", self.source.qualified(database))
         final = " FINAL" if self.final else ""
         return (
-            f"CREATE OR REPLACE VIEW {self.qualified(database)} AS\n"
-            f"SELECT {', '.join(self.columns)}\n"
+            f"{head}SELECT {', '.join(self.columns)}\n"
             f"FROM {self.source.qualified(database)}{final}"
         )
 
@@ -243,8 +357,22 @@ def _month_of(ms_column: str) -> str:
     return f"toYYYYMM(fromUnixTimestamp64Milli({ms_column}, 'UTC'))"
 
 
+def _year_of(ms_column: str) -> str:
+    return f"toYear(fromUnixTimestamp64Milli({ms_column}, 'UTC'))"
+
+
 def _seconds_of(ms_column: str) -> str:
     return f"toDateTime(intDiv({ms_column}, 1000))"
+
+
+def _exact_decimal(name: str, what: str) -> tuple[Column, Column]:
+    """``<name>_nano Int128 EPHEMERAL`` and ``<name> Decimal(38, 9)`` derived from it exactly."""
+    return (
+        Column(f"{name}_nano", "Int128", "EPHEMERAL",
+               comment=f"insert-only: exact {what} in 10^-9 units"),
+        Column(name, QUANTITY_TYPE, "DEFAULT",
+               f"reinterpret({name}_nano, 'Decimal128({QUANTITY_SCALE})')"),
+    )
 
 
 RAW_EVENTS = Table(
@@ -254,10 +382,7 @@ RAW_EVENTS = Table(
         Column("batch_id", "String", comment="SDK/ingest batch the event arrived in"),
         Column("customer", "String"),
         Column("meter", "LowCardinality(String)"),
-        Column("quantity_nano", "Int128", "EPHEMERAL",
-               comment="insert-only: exact quantity in 10^-9 units"),
-        Column("quantity", QUANTITY_TYPE, "DEFAULT",
-               f"reinterpret(quantity_nano, 'Decimal128({QUANTITY_SCALE})')"),
+        *_exact_decimal("quantity", "quantity"),
         Column("timestamp_ms", "Int64", comment="event time, UTC milliseconds"),
         Column("event_time", "DateTime64(3, 'UTC')", "ALIAS",
                "fromUnixTimestamp64Milli(timestamp_ms, 'UTC')"),
@@ -268,26 +393,98 @@ RAW_EVENTS = Table(
     engine="ReplacingMergeTree(ingested_at_ms)",
     partition_by=_month_of("timestamp_ms"),
     order_by=("customer", "meter", "timestamp_ms", "event_id"),
-    ttl=TtlRule(_seconds_of("timestamp_ms"), "raw_events_days"),
+    ttl=TtlRule(_seconds_of("timestamp_ms"), "raw_events_days", meter_column="meter"),
     comment="Validated usage events; read through raw_events_deduplicated",
 )
+
+DEAD_LETTER_STAGES = ("raw", "rollup")
 
 DEAD_LETTERS = Table(
     name="dead_letters",
     columns=(
-        Column("received_at_ms", "Int64"),
+        Column("received_at_ms", "Int64", comment="Kafka record timestamp, UTC ms"),
         Column("source", "LowCardinality(String)", comment="topic or ingest endpoint"),
         Column("source_partition", "Int32", comment="Kafka partition, -1 if none"),
         Column("source_offset", "Int64", comment="Kafka offset, -1 if none"),
+        Column("position", "Int32", comment="event index in the batch, -1 = whole record"),
+        Column("stage", "LowCardinality(String)", comment="raw | rollup: who rejected it"),
         Column("batch_id", "String"),
+        Column("event_id", "String", comment="empty for a whole record"),
         Column("reason", "String"),
-        Column("payload", "String", comment="the rejected record, byte for byte"),
+        Column("payload", "String", comment="the rejected record or event"),
     ),
-    engine="MergeTree",
-    partition_by=_month_of("received_at_ms"),
-    order_by=("received_at_ms", "source"),
+    # One row per rejected (record, event, stage): a replay of the partition rejects the
+    # same things again and collapses onto them. No PARTITION BY: the raw loader stamps
+    # received_at_ms with its own clock when a source has no record timestamp, so a
+    # time-based partition could split a replay's duplicates (ClickHouse never merges
+    # across partitions); dead letters are few, one partition costs nothing.
+    engine="ReplacingMergeTree",
+    order_by=("source", "source_partition", "source_offset", "position", "stage"),
     ttl=TtlRule(_seconds_of("received_at_ms"), "dead_letters_days"),
-    comment="Records the pipeline could not accept, with the reason",
+    comment="Records and events the pipeline could not accept, with the reason; read FINAL",
+)
+
+
+def _rollup_table(name: str, partition_by: str, retention_field: str, window: str) -> Table:
+    value_nano, value = _exact_decimal("value", "window total")
+    return Table(
+        name=name,
+        columns=(
+            Column("customer", "String"),
+            Column("meter", "LowCardinality(String)"),
+            Column("group_key", "String", comment="canonical k=v&k=v text of dimensions"),
+            Column("dimensions", "Map(String, String)", comment="the group_by dimensions"),
+            Column("window_start_ms", "Int64", comment="UTC ms, inclusive"),
+            Column("window_end_ms", "Int64", comment="UTC ms, exclusive"),
+            Column("aggregation", "LowCardinality(String)"),
+            value_nano,
+            value,
+            Column("events", "UInt64", comment="events folded into value"),
+            Column("version", "UInt64", comment="grows with every change; highest wins"),
+            Column("source", "LowCardinality(String)", comment="topic"),
+            Column("source_partition", "Int32", comment="the one partition this row totals"),
+            Column("updated_at_ms", "Int64", comment="write time, UTC ms"),
+        ),
+        engine="ReplacingMergeTree(version)",
+        partition_by=partition_by,
+        # customer, meter, window first: per-customer time-range reads are one key range.
+        order_by=("customer", "meter", "window_start_ms", "group_key", "source",
+                  "source_partition"),
+        ttl=TtlRule(_seconds_of("window_start_ms"), retention_field, meter_column="meter"),
+        comment=f"{window} totals per source partition; read through {window}_usage",
+    )
+
+
+HOURLY_ROLLUPS = _rollup_table("hourly_rollups", _month_of("window_start_ms"),
+                               "hourly_rollups_days", "hourly")
+DAILY_ROLLUPS = _rollup_table("daily_rollups", _year_of("window_start_ms"),
+                              "daily_rollups_days", "daily")
+
+LATE_EVENTS = Table(
+    name="late_events",
+    columns=(
+        Column("source", "LowCardinality(String)", comment="topic"),
+        Column("source_partition", "Int32"),
+        Column("source_offset", "Int64"),
+        Column("position", "Int32", comment="event index in the batch"),
+        Column("event_id", "String"),
+        Column("customer", "String"),
+        Column("meter", "LowCardinality(String)"),
+        Column("group_key", "String"),
+        Column("dimensions", "Map(String, String)"),
+        *_exact_decimal("quantity", "quantity"),
+        Column("timestamp_ms", "Int64", comment="event time, UTC ms"),
+        Column("window_start_ms", "Int64", comment="the hourly window it missed"),
+        Column("received_at_ms", "Int64", comment="Kafka record timestamp, UTC ms"),
+    ),
+    # Keyed by the event, not its Kafka position: a replay and an SDK resend (a new record)
+    # of the same late event both collapse. window_start_ms derives from the event, so
+    # partitioning by it keeps duplicates together.
+    engine="ReplacingMergeTree",
+    partition_by=_month_of("window_start_ms"),
+    order_by=("customer", "meter", "window_start_ms", "event_id"),
+    ttl=TtlRule(_seconds_of("window_start_ms"), "late_events_days", meter_column="meter"),
+    comment="Events that arrived after their window closed: in no rollup; read FINAL",
 )
 
 SCHEMA_META = Table(
@@ -310,13 +507,35 @@ RAW_EVENTS_DEDUPLICATED = View(
              "event_time", "dimensions", "source", "ingested_at_ms"),
 )
 
+_WINDOW_KEY = ("customer", "meter", "group_key", "dimensions", "window_start_ms",
+               "window_end_ms", "aggregation")
+
+# See the module docstring for why each aggregation combines partitions this way. The
+# tuple makes latest's pick deterministic (a total order over a window's rows).
+_USAGE_QUERY = (
+    f"SELECT {', '.join(_WINDOW_KEY)},\n"
+    "    multiIf(aggregation = 'min', min(value),\n"
+    "            aggregation = 'max', max(value),\n"
+    "            aggregation = 'latest', argMax(value, (source, source_partition)),\n"
+    "            sum(value)) AS value,\n"
+    "    sum(events) AS events,\n"
+    "    count() AS source_partitions,\n"
+    "    max(updated_at_ms) AS updated_at_ms\n"
+    "FROM {source} FINAL\n"
+    f"GROUP BY {', '.join(_WINDOW_KEY)}"
+)
+
+HOURLY_USAGE = View(name="hourly_usage", source=HOURLY_ROLLUPS, query=_USAGE_QUERY)
+DAILY_USAGE = View(name="daily_usage", source=DAILY_ROLLUPS, query=_USAGE_QUERY)
+
 
 @dataclass(frozen=True)
 class Migration:
     """A schema version. Tables listed here are created when missing.
 
     Later versions that change existing tables (ADD COLUMN, ...) should add an
-    ``alter_sql`` field here rather than editing version 1.
+    ``alter_sql`` field here rather than editing an earlier version (version 1 was edited
+    in place for dead-letter dedupe only because nothing had shipped).
     """
 
     version: int
@@ -326,15 +545,17 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "raw events and dead letters", (RAW_EVENTS, DEAD_LETTERS)),
+    Migration(2, "streaming rollups and late events", (HOURLY_ROLLUPS, DAILY_ROLLUPS,
+                                                       LATE_EVENTS)),
 )
 TABLES: tuple[Table, ...] = tuple(t for m in MIGRATIONS for t in m.tables)
-VIEWS: tuple[View, ...] = (RAW_EVENTS_DEDUPLICATED,)
+VIEWS: tuple[View, ...] = (RAW_EVENTS_DEDUPLICATED, HOURLY_USAGE, DAILY_USAGE)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 # --------------------------------------------------------------------------- migration
 
 _VERSION_KEY = "schema_version"
-_TTL_KEY = "ttl_days."
+_TTL_KEY = "ttl."  # the full TTL text: per-meter rules change it too
 _VIEW_KEY = "view_sha256."
 
 
@@ -379,14 +600,14 @@ def plan_migration(database: str, retention: RetentionPolicy, state: SchemaState
             statements.append(table.create_sql(database, retention))
         if table.ttl is None:
             continue
-        days = str(retention.days_for(table.ttl.retention_field))
+        ttl = table.ttl.expression(retention)
         key = _TTL_KEY + table.name
-        if table.name in state.existing_tables and state.meta.get(key) != days:
+        if table.name in state.existing_tables and state.meta.get(key) != ttl:
             # Also covers a table without a record (created by a run that crashed before
             # writing meta): its TTL is unknown, so set it.
             statements.append(table.modify_ttl_sql(database, retention))
-        if state.meta.get(key) != days:
-            updates[key] = days
+        if state.meta.get(key) != ttl:
+            updates[key] = ttl
     for view in VIEWS:
         sql = view.create_sql(database)
         if state.meta.get(_VIEW_KEY + view.name) != _digest(sql):

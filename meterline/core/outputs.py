@@ -73,7 +73,9 @@ class DeadLetterRecord:
     batch_id: str
     event_id: str
     reason: str
-    payload: str  # the event as JSON, or the undecodable record (latin-1 text of its bytes)
+    # The event as JSON, or the undecodable record as UTF-8 with bad bytes shown as \\xNN
+    # escapes (readable, first MiB); the exact bytes stay in the topic at (partition, offset).
+    payload: str
     received_at_ms: int  # the Kafka record timestamp: the same on every replay
 
     def to_dict(self) -> dict[str, Any]:

@@ -312,7 +312,8 @@ class KafkaBroker:
             )
         return self._admin
 
-    def create_topic(self, name: str, partitions: int | None = None, timeout_s: float = 30) -> str:
+    def create_topic(self, name: str, partitions: int | None = None, timeout_s: float = 30,
+                     config: dict[str, str] | None = None) -> str:
         """Create ``name`` (replication 1) and wait until every partition has a leader."""
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import NewTopic
@@ -320,7 +321,7 @@ class KafkaBroker:
         n = partitions if partitions is not None else self.partitions
         deadline = time.monotonic() + timeout_s
         futures = self.admin().create_topics(
-            [NewTopic(name, num_partitions=n, replication_factor=1)],
+            [NewTopic(name, num_partitions=n, replication_factor=1, config=config or {})],
             operation_timeout=timeout_s,
             request_timeout=timeout_s,
         )

@@ -58,6 +58,28 @@ def test_garbage_records_become_dead_letters_with_reasons() -> None:
     assert all(r for r in dead.reason)
     assert dead.payload[0] == b"\x00\xffnot json", "the original bytes are kept for replay"
     assert list(dead.source_offset) == [0, 1, 2, 2]
+    assert list(dead.position) == [-1, -1, 1, 2]
+    assert list(dead.event_id) == ["", "", "b1-1", "b1-2"]
+    assert set(dead.stage) == {"raw"}
+    assert list(dead.received_at_ms) == [NOW] * 4  # these records have no log timestamp
+
+
+def test_dead_letters_carry_the_record_timestamp_and_collapse_on_replay(
+    migrated_storage: Any,
+) -> None:
+    now = _now_ms()
+    records = [SourceRecord("usage", 0, 0, b"{", timestamp_ms=now - 5_000),
+               SourceRecord("usage", 0, 1, _batch("b1", ["acme", ""], ts=now - 60_000),
+                            timestamp_ms=now - 4_000)]
+    for step in range(3):  # replays, each at a later loader clock
+        loader = RawEventLoader(migrated_storage, ListSource(records),
+                                clock_ms=lambda s=step: now + s)
+        while loader.run_once().records:
+            pass
+    rows = migrated_storage.query_rows(
+        f"SELECT source_offset, position, event_id, stage, received_at_ms "
+        f"FROM {migrated_storage.database}.dead_letters FINAL ORDER BY source_offset")
+    assert rows == [(0, -1, "", "raw", now - 5_000), (1, 1, "b1-1", "raw", now - 4_000)]
 
 
 def test_replayed_records_are_counted_once(migrated_storage: Any) -> None:

@@ -186,17 +186,58 @@ def test_dead_letters_keep_payload_bytes(migrated_storage: Any, now_ms: int) -> 
         source=["usage-events", "http"],
         source_partition=[3, -1],
         source_offset=[42, -1],
+        position=[-1, 2],
+        stage=["raw", "rollup"],
         batch_id=["b1", ""],
+        event_id=["", "e2"],
         reason=["unknown meter 'x'", "not json"],
         payload=[b"\x00\xff\xfe", "{broken"],
     )
     assert insert_dead_letters(migrated_storage, rows) == 2
     db = migrated_storage.database
     got = migrated_storage.query_rows(
-        f"SELECT received_at_ms, source, source_partition, source_offset, batch_id, reason, "
-        f"hex(payload) FROM {db}.dead_letters ORDER BY received_at_ms"
+        f"SELECT received_at_ms, source, source_partition, source_offset, position, stage, "
+        f"batch_id, event_id, reason, hex(payload) FROM {db}.dead_letters ORDER BY received_at_ms"
     )
     assert got == [
-        (now_ms, "usage-events", 3, 42, "b1", "unknown meter 'x'", "00FFFE"),
-        (now_ms + 1, "http", -1, -1, "", "not json", b"{broken".hex().upper()),
+        (now_ms, "usage-events", 3, 42, -1, "raw", "b1", "", "unknown meter 'x'", "00FFFE"),
+        (now_ms + 1, "http", -1, -1, 2, "rollup", "", "e2", "not json",
+         b"{broken".hex().upper()),
     ]
+
+
+def _dead_letters(n: int, **overrides: Any) -> DeadLetterColumns:
+    columns: dict[str, Any] = {
+        "received_at_ms": 1, "source": "usage", "source_partition": 0, "source_offset": 7,
+        "position": -1, "stage": "raw", "batch_id": "", "event_id": "", "reason": "r",
+        "payload": b"x",
+    }
+    columns.update(overrides)
+    return DeadLetterColumns(**{k: v if isinstance(v, list) else [v] * n
+                                for k, v in columns.items()})
+
+
+def test_replayed_dead_letters_collapse_per_position_and_stage(
+    migrated_storage: Any, now_ms: int
+) -> None:
+    rows = _dead_letters(3, received_at_ms=now_ms, position=[-1, 0, 1], stage="raw")
+    insert_dead_letters(migrated_storage, rows)
+    insert_dead_letters(migrated_storage, rows)  # a replay of the same record
+    # the other stage rejecting the same record is a distinct dead letter
+    insert_dead_letters(migrated_storage, _dead_letters(1, received_at_ms=now_ms,
+                                                        stage="rollup"))
+    db = migrated_storage.database
+    got = migrated_storage.query_rows(
+        f"SELECT stage, position FROM {db}.dead_letters FINAL ORDER BY stage, position")
+    assert got == [("raw", -1), ("raw", 0), ("raw", 1), ("rollup", -1)]
+
+
+def test_dead_letter_validation_collects_every_error() -> None:
+    rows = _dead_letters(2, position=[0, 2**31], stage=["raw", "rating"],
+                         source_offset=[1.5, 2], source_partition=[0, True])
+    with pytest.raises(SinkConfigError) as info:
+        rows.validate()
+    joined = " ".join(info.value.errors)
+    assert len(info.value.errors) == 4, joined
+    for fragment in ("position", "stage", "'rating'", "source_offset", "source_partition"):
+        assert fragment in joined

@@ -7,7 +7,13 @@ import pytest
 
 from meterline.sinks.exceptions import SinkConfigError, SinkError
 from meterline.sinks.schema import (
+    DAILY_ROLLUPS,
+    DAILY_USAGE,
     DEAD_LETTERS,
+    HOURLY_ROLLUPS,
+    HOURLY_USAGE,
+    LATE_EVENTS,
+    PER_METER_FIELDS,
     RAW_EVENTS,
     RAW_EVENTS_DEDUPLICATED,
     SCHEMA_META,
@@ -46,19 +52,87 @@ COMMENT 'Validated usage events; read through raw_events_deduplicated'"""
 DEAD_LETTERS_DDL = """\
 CREATE TABLE IF NOT EXISTS meterline.dead_letters
 (
-    received_at_ms Int64,
+    received_at_ms Int64 COMMENT 'Kafka record timestamp, UTC ms',
     source LowCardinality(String) COMMENT 'topic or ingest endpoint',
     source_partition Int32 COMMENT 'Kafka partition, -1 if none',
     source_offset Int64 COMMENT 'Kafka offset, -1 if none',
+    position Int32 COMMENT 'event index in the batch, -1 = whole record',
+    stage LowCardinality(String) COMMENT 'raw | rollup: who rejected it',
     batch_id String,
+    event_id String COMMENT 'empty for a whole record',
     reason String,
-    payload String COMMENT 'the rejected record, byte for byte'
+    payload String COMMENT 'the rejected record or event'
 )
-ENGINE = MergeTree
-PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(received_at_ms, 'UTC'))
-ORDER BY (received_at_ms, source)
+ENGINE = ReplacingMergeTree
+ORDER BY (source, source_partition, source_offset, position, stage)
 TTL toDateTime(intDiv(received_at_ms, 1000)) + toIntervalDay(7)
-COMMENT 'Records the pipeline could not accept, with the reason'"""
+COMMENT 'Records and events the pipeline could not accept, with the reason; read FINAL'"""
+
+HOURLY_ROLLUPS_DDL = """\
+CREATE TABLE IF NOT EXISTS meterline.hourly_rollups
+(
+    customer String,
+    meter LowCardinality(String),
+    group_key String COMMENT 'canonical k=v&k=v text of dimensions',
+    dimensions Map(String, String) COMMENT 'the group_by dimensions',
+    window_start_ms Int64 COMMENT 'UTC ms, inclusive',
+    window_end_ms Int64 COMMENT 'UTC ms, exclusive',
+    aggregation LowCardinality(String),
+    value_nano Int128 EPHEMERAL COMMENT 'insert-only: exact window total in 10^-9 units',
+    value Decimal(38, 9) DEFAULT reinterpret(value_nano, 'Decimal128(9)'),
+    events UInt64 COMMENT 'events folded into value',
+    version UInt64 COMMENT 'grows with every change; highest wins',
+    source LowCardinality(String) COMMENT 'topic',
+    source_partition Int32 COMMENT 'the one partition this row totals',
+    updated_at_ms Int64 COMMENT 'write time, UTC ms'
+)
+ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))
+ORDER BY (customer, meter, window_start_ms, group_key, source, source_partition)
+TTL toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(400) \
+DELETE WHERE meter NOT IN ('active_users', 'storage_gb'),
+    toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(500) \
+DELETE WHERE meter = 'active_users',
+    toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(450) \
+DELETE WHERE meter = 'storage_gb'
+COMMENT 'hourly totals per source partition; read through hourly_usage'"""
+
+LATE_EVENTS_DDL = """\
+CREATE TABLE IF NOT EXISTS meterline.late_events
+(
+    source LowCardinality(String) COMMENT 'topic',
+    source_partition Int32,
+    source_offset Int64,
+    position Int32 COMMENT 'event index in the batch',
+    event_id String,
+    customer String,
+    meter LowCardinality(String),
+    group_key String,
+    dimensions Map(String, String),
+    quantity_nano Int128 EPHEMERAL COMMENT 'insert-only: exact quantity in 10^-9 units',
+    quantity Decimal(38, 9) DEFAULT reinterpret(quantity_nano, 'Decimal128(9)'),
+    timestamp_ms Int64 COMMENT 'event time, UTC ms',
+    window_start_ms Int64 COMMENT 'the hourly window it missed',
+    received_at_ms Int64 COMMENT 'Kafka record timestamp, UTC ms'
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))
+ORDER BY (customer, meter, window_start_ms, event_id)
+TTL toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(400)
+COMMENT 'Events that arrived after their window closed: in no rollup; read FINAL'"""
+
+HOURLY_USAGE_SQL = """\
+CREATE OR REPLACE VIEW meterline.hourly_usage AS
+SELECT customer, meter, group_key, dimensions, window_start_ms, window_end_ms, aggregation,
+    multiIf(aggregation = 'min', min(value),
+            aggregation = 'max', max(value),
+            aggregation = 'latest', argMax(value, (source, source_partition)),
+            sum(value)) AS value,
+    sum(events) AS events,
+    count() AS source_partitions,
+    max(updated_at_ms) AS updated_at_ms
+FROM meterline.hourly_rollups FINAL
+GROUP BY customer, meter, group_key, dimensions, window_start_ms, window_end_ms, aggregation"""
 
 
 # --------------------------------------------------------------------------- rendering
@@ -71,6 +145,65 @@ def test_raw_events_ddl_is_exact() -> None:
 def test_dead_letters_ddl_uses_its_own_retention() -> None:
     sql = DEAD_LETTERS.create_sql("meterline", RetentionPolicy(dead_letters_days=7))
     assert sql == DEAD_LETTERS_DDL
+
+
+def test_hourly_rollups_ddl_with_per_meter_ttl_is_exact() -> None:
+    policy = RetentionPolicy(meters={
+        "storage_gb": {"hourly_rollups_days": 450, "raw_events_days": 90},
+        "active_users": {"hourly_rollups_days": 500},
+    })
+    assert HOURLY_ROLLUPS.create_sql("meterline", policy) == HOURLY_ROLLUPS_DDL
+
+
+def test_daily_rollups_have_the_hourly_columns_and_yearly_partitions() -> None:
+    assert DAILY_ROLLUPS.columns == HOURLY_ROLLUPS.columns
+    assert DAILY_ROLLUPS.order_by == HOURLY_ROLLUPS.order_by
+    sql = DAILY_ROLLUPS.create_sql("meterline", RetentionPolicy())
+    assert "PARTITION BY toYear(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))" in sql
+    assert "TTL toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(2557)\n" in sql
+
+
+def test_rollup_sorting_key_keeps_source_partitions_apart() -> None:
+    for table in (HOURLY_ROLLUPS, DAILY_ROLLUPS):
+        assert table.order_by[:3] == ("customer", "meter", "window_start_ms")
+        assert {"group_key", "source", "source_partition"} <= set(table.order_by)
+        assert table.engine == "ReplacingMergeTree(version)"
+
+
+def test_late_events_ddl_is_exact() -> None:
+    assert LATE_EVENTS.create_sql("meterline", RetentionPolicy()) == LATE_EVENTS_DDL
+
+
+def test_usage_views_combine_partitions_after_final() -> None:
+    assert HOURLY_USAGE.create_sql("meterline") == HOURLY_USAGE_SQL
+    daily = DAILY_USAGE.create_sql("meterline")
+    assert daily == HOURLY_USAGE_SQL.replace("hourly", "daily")
+
+
+def test_per_meter_ttl_rules_cover_every_row_once() -> None:
+    policy = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 90},
+                                     "llm_tokens": {"hourly_rollups_days": 999}})
+    assert RAW_EVENTS.ttl is not None
+    assert RAW_EVENTS.ttl.expression(policy) == (
+        "toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35) "
+        "DELETE WHERE meter NOT IN ('storage_gb'),\n"
+        "    toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(90) "
+        "DELETE WHERE meter = 'storage_gb'"
+    )
+    # other tables keep their single rule when no override names their field
+    assert DEAD_LETTERS.ttl is not None and LATE_EVENTS.ttl is not None
+    assert "WHERE" not in DEAD_LETTERS.ttl.expression(policy)
+    assert "WHERE" not in LATE_EVENTS.ttl.expression(policy)
+
+
+def test_per_meter_fields_are_the_tables_with_a_meter_column() -> None:
+    with_meter = {t.ttl.retention_field for t in TABLES
+                  if t.ttl is not None and any(c.name == "meter" for c in t.columns)}
+    assert with_meter == set(PER_METER_FIELDS)
+    for table in TABLES:
+        if table.ttl is not None:
+            expected = "meter" if table.ttl.retention_field in PER_METER_FIELDS else None
+            assert table.ttl.meter_column == expected, table.name
 
 
 def test_modify_ttl_sql() -> None:
@@ -142,6 +275,19 @@ def test_retention_defaults() -> None:
     policy.validate()
     assert (policy.raw_events_days, policy.dead_letters_days) == (35, 90)
     assert (policy.hourly_rollups_days, policy.daily_rollups_days) == (400, 2557)
+    assert policy.late_events_days == 400
+    assert policy.meters == {}
+
+
+def test_days_for_a_meter_falls_back_to_the_table_default() -> None:
+    policy = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 90}})
+    assert policy.days_for("raw_events_days", "storage_gb") == 90
+    assert policy.days_for("raw_events_days", "api_calls") == 35
+    assert policy.days_for("hourly_rollups_days", "storage_gb") == 400
+    assert policy.overrides("raw_events_days") == [("storage_gb", 90)]
+    assert policy.overrides("daily_rollups_days") == []
+    with pytest.raises(SinkError):
+        policy.days_for("meters")
 
 
 def _untyped(value: Any) -> Any:
@@ -165,12 +311,52 @@ def test_retention_validate_collects_every_error() -> None:
         assert name in joined
 
 
+def test_retention_validate_collects_every_per_meter_error() -> None:
+    policy = RetentionPolicy(
+        late_events_days=0,
+        meters=_untyped({
+            "storage_gb": {"raw_events_days": 0, "hourly_rollups_days": "9",
+                           "dead_letters_days": 5, "cold_days": 3},
+            "Bad Meter'": {"raw_events_days": 10},
+            "api_calls": 7,
+        }),
+    )
+    with pytest.raises(SinkConfigError) as info:
+        policy.validate()
+    errors = info.value.errors
+    joined = "\n".join(errors)
+    assert len(errors) == 7, joined
+    for fragment in ("late_events_days must be >= 1",
+                     "meters.storage_gb.raw_events_days must be >= 1",
+                     "meters.storage_gb.hourly_rollups_days must be an int",
+                     "meters.storage_gb.dead_letters_days: dead_letters has no meter column",
+                     "meters.storage_gb.cold_days: unknown field",
+                     "\"Bad Meter'\" is not a meter name",
+                     "meters.api_calls must map fields to days"):
+        assert fragment in joined
+
+
+def test_retention_meters_must_be_a_mapping() -> None:
+    with pytest.raises(SinkConfigError, match="meters must map"):
+        RetentionPolicy(meters=_untyped([("storage_gb", 1)])).validate()
+
+
 def test_retention_rejects_rollups_shorter_than_their_source() -> None:
     policy = RetentionPolicy(raw_events_days=500, hourly_rollups_days=400,
                              daily_rollups_days=300)
     with pytest.raises(SinkConfigError) as info:
         policy.validate()
     assert len(info.value.errors) == 2
+
+
+def test_retention_chain_is_checked_per_meter() -> None:
+    policy = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 500},
+                                     "llm_tokens": {"raw_events_days": 400}})
+    with pytest.raises(SinkConfigError) as info:
+        policy.validate()
+    assert info.value.errors == [
+        "meters.storage_gb: raw_events_days (500) exceeds hourly_rollups_days (400)"
+    ]
 
 
 def test_days_for_unknown_field() -> None:
@@ -195,12 +381,21 @@ def test_plan_on_an_empty_database_creates_everything() -> None:
     assert plan.statements == (
         RAW_EVENTS.create_sql("meterline", RetentionPolicy()),
         DEAD_LETTERS.create_sql("meterline", RetentionPolicy()),
+        HOURLY_ROLLUPS.create_sql("meterline", RetentionPolicy()),
+        DAILY_ROLLUPS.create_sql("meterline", RetentionPolicy()),
+        LATE_EVENTS.create_sql("meterline", RetentionPolicy()),
         RAW_EVENTS_DEDUPLICATED.create_sql("meterline"),
+        HOURLY_USAGE.create_sql("meterline"),
+        DAILY_USAGE.create_sql("meterline"),
     )
-    assert plan.meta_updates["ttl_days.raw_events"] == "35"
-    assert plan.meta_updates["ttl_days.dead_letters"] == "90"
-    assert plan.meta_updates["schema_version"] == "1"
-    assert "view_sha256.raw_events_deduplicated" in plan.meta_updates
+    # the full TTL text is recorded, so a per-meter rule change is noticed too
+    assert plan.meta_updates["ttl.raw_events"] == (
+        "toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35)")
+    assert plan.meta_updates["ttl.dead_letters"].endswith("toIntervalDay(90)")
+    assert plan.meta_updates["ttl.late_events"].endswith("toIntervalDay(400)")
+    assert plan.meta_updates["schema_version"] == "2"
+    for view in ("raw_events_deduplicated", "hourly_usage", "daily_usage"):
+        assert f"view_sha256.{view}" in plan.meta_updates
 
 
 def test_plan_is_empty_once_applied() -> None:
@@ -215,7 +410,27 @@ def test_plan_alters_only_the_ttl_that_changed() -> None:
     assert plan.statements == (
         DEAD_LETTERS.modify_ttl_sql("meterline", RetentionPolicy(dead_letters_days=30)),
     )
-    assert plan.meta_updates == {"ttl_days.dead_letters": "30"}
+    assert plan.meta_updates == {
+        "ttl.dead_letters": "toDateTime(intDiv(received_at_ms, 1000)) + toIntervalDay(30)"
+    }
+
+
+def test_plan_alters_only_the_tables_a_meter_override_touches() -> None:
+    state = _state_after(_fresh_plan())
+    policy = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 90,
+                                                    "daily_rollups_days": 3650}})
+    plan = plan_migration("meterline", policy, state)
+    assert plan.statements == (
+        RAW_EVENTS.modify_ttl_sql("meterline", policy),
+        DAILY_ROLLUPS.modify_ttl_sql("meterline", policy),
+    )
+    assert set(plan.meta_updates) == {"ttl.raw_events", "ttl.daily_rollups"}
+    # changing only the override's days is a change too
+    applied = dataclasses.replace(state, meta={**state.meta, **plan.meta_updates})
+    policy2 = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 91,
+                                                     "daily_rollups_days": 3650}})
+    plan2 = plan_migration("meterline", policy2, applied)
+    assert plan2.statements == (RAW_EVENTS.modify_ttl_sql("meterline", policy2),)
 
 
 def test_plan_sets_ttl_of_an_existing_table_without_a_record() -> None:
@@ -249,12 +464,12 @@ def _create_table_query(storage: Any, table: str) -> str:
 
 def test_migrate_creates_tables_and_is_idempotent(chdb_storage: Any) -> None:
     first = migrate(chdb_storage)
-    assert len(first.statements) == 3
+    assert len(first.statements) == 8
     state = read_schema_state(chdb_storage, chdb_storage.database)
-    assert {"raw_events", "dead_letters", "schema_meta", "raw_events_deduplicated"} <= set(
+    assert {t.name for t in TABLES} | {v.name for v in VIEWS} | {"schema_meta"} <= set(
         state.existing_tables
     )
-    assert state.meta["schema_version"] == "1"
+    assert state.meta["schema_version"] == "2"
     second = migrate(chdb_storage)
     assert second.empty
 
@@ -288,3 +503,62 @@ def test_migrate_validates_retention_before_touching_storage(chdb_storage: Any) 
         {"db": chdb_storage.database},
     )
     assert rows == [(0,)]
+
+
+def test_every_table_with_retention_has_its_ttl(chdb_storage: Any) -> None:
+    policy = RetentionPolicy(raw_events_days=20, dead_letters_days=21, late_events_days=22,
+                             hourly_rollups_days=23, daily_rollups_days=24)
+    migrate(chdb_storage, retention=policy)
+    for table in TABLES:
+        assert table.ttl is not None, table.name
+        days = policy.days_for(table.ttl.retention_field)
+        assert f"TTL {table.ttl.age_expression} + toIntervalDay({days})" in (
+            _create_table_query(chdb_storage, table.name)), table.name
+
+
+def test_migrate_applies_and_changes_per_meter_ttl_in_place(chdb_storage: Any) -> None:
+    migrate(chdb_storage)
+    policy = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 90,
+                                                    "hourly_rollups_days": 450}})
+    plan = migrate(chdb_storage, retention=policy, clock_ms=lambda: 1)
+    assert plan.statements == (
+        RAW_EVENTS.modify_ttl_sql(chdb_storage.database, policy),
+        HOURLY_ROLLUPS.modify_ttl_sql(chdb_storage.database, policy),
+    )
+    raw = _create_table_query(chdb_storage, "raw_events")
+    # ClickHouse prints "DELETE WHERE" as "WHERE"
+    assert ("toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35) "
+            "WHERE meter NOT IN ('storage_gb')") in raw
+    assert ("toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(90) "
+            "WHERE meter = 'storage_gb'") in raw
+    assert "toIntervalDay(450) WHERE meter = 'storage_gb'" in (
+        _create_table_query(chdb_storage, "hourly_rollups"))
+    assert "WHERE" not in _create_table_query(chdb_storage, "daily_rollups").split("TTL")[1]
+    assert migrate(chdb_storage, retention=policy, clock_ms=lambda: 1).empty
+
+    # a changed override, then dropping it, alter the rules again
+    policy2 = RetentionPolicy(meters={"storage_gb": {"raw_events_days": 60,
+                                                     "hourly_rollups_days": 450}})
+    plan = migrate(chdb_storage, retention=policy2, clock_ms=lambda: 1)
+    assert plan.statements == (RAW_EVENTS.modify_ttl_sql(chdb_storage.database, policy2),)
+    assert "toIntervalDay(60) WHERE meter = 'storage_gb'" in (
+        _create_table_query(chdb_storage, "raw_events"))
+    migrate(chdb_storage, clock_ms=lambda: 1)
+    raw = _create_table_query(chdb_storage, "raw_events")
+    assert "TTL toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35) SETTINGS" in raw
+    assert migrate(chdb_storage).empty
+
+
+def test_per_meter_ttl_keeps_the_overridden_meter_longer(
+    chdb_storage: Any, make_raw_events: Any, now_ms: int
+) -> None:
+    from meterline.sinks.raw_events import insert_raw_events
+
+    migrate(chdb_storage, retention=RetentionPolicy(
+        meters={"storage_gb": {"raw_events_days": 90}}))
+    fifty_days_ago = now_ms - 50 * 86_400_000
+    insert_raw_events(chdb_storage, make_raw_events(
+        2, meter=["storage_gb", "api_calls"], timestamp_ms=fifty_days_ago))
+    db = chdb_storage.database
+    chdb_storage.execute(f"OPTIMIZE TABLE {db}.raw_events FINAL")
+    assert chdb_storage.query_rows(f"SELECT meter FROM {db}.raw_events") == [("storage_gb",)]

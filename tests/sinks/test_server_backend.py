@@ -135,7 +135,7 @@ def test_migrate_issues_the_same_sql_as_chdb(chdb_storage: Any) -> None:
     client = FakeClient()
     migrate(ServerStorage(client, chdb_storage.database), clock_ms=lambda: 1)
     assert client.commands() == recording.executed
-    assert len(recording.executed) == 5  # database, schema_meta, 2 tables, 1 view
+    assert len(recording.executed) == 10  # database, schema_meta, 5 tables, 3 views
     [insert] = [kwargs for method, _, kwargs in client.calls if method == "insert"]
     assert (insert["database"], insert["table"]) == (chdb_storage.database, "schema_meta")
 
@@ -225,7 +225,7 @@ def test_server_storage_round_trip_matches_chdb_storage(
 ) -> None:
     storage = server_over_chdb
     db = storage.database
-    assert len(migrate(storage).statements) == 3
+    assert len(migrate(storage).statements) == 8  # 5 tables, 3 views
     assert migrate(storage).empty
     rows = make_raw_events(
         4,

@@ -97,13 +97,14 @@ def test_open_storage_with_url_is_the_server_backend(monkeypatch: pytest.MonkeyP
 
 
 def test_importing_the_seam_does_not_import_heavy_backends() -> None:
-    # meterline.sinks.storage / schema / raw_events must stay importable without the
+    # meterline.sinks.storage / schema / raw_events / rollups must stay importable without the
     # [server] extra; only the backend modules import chdb / clickhouse_connect.
     import subprocess
 
     code = (
         "import sys\n"
         "import meterline.sinks.storage, meterline.sinks.schema, meterline.sinks.raw_events\n"
+        "import meterline.sinks.rollups\n"
         "bad = [m for m in ('chdb', 'clickhouse_connect', 'pyarrow') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

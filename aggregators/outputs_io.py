@@ -1,0 +1,158 @@
+"""Moving rollup-stage outputs: straight into ClickHouse, or through Kafka to one loader.
+
+Several worker processes cannot share an embedded chDB (one process owns its data dir), and
+a ClickHouse outage should not stall aggregation, so in the distributed setup workers write
+their flushes to three topics and ``OutputLoader`` (``meterline load-rollups``) inserts them:
+
+- ``<usage topic>.rollups``: window totals, in chunks of up to ``CHUNK`` records;
+- ``<usage topic>.dead-letters`` and ``<usage topic>.late-events``: one record each, keyed
+  by customer (or source position), readable by any consumer.
+
+Both hops are at-least-once and every record is idempotent in its table, so the pair is
+exactly-once end to end. The loader commits offsets only after the insert returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from meterline.core.outputs import DeadLetterRecord, Flush, LateRecord, RollupRecord
+from meterline.ingest.sources import RecordSource, SourceRecord
+
+__all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics"]
+
+log = logging.getLogger(__name__)
+CHUNK = 2000
+
+
+def output_topics(usage_topic: str) -> dict[str, str]:
+    return {"rollups": f"{usage_topic}.rollups", "dead_letters": f"{usage_topic}.dead-letters",
+            "late": f"{usage_topic}.late-events"}
+
+
+class StorageWriter:
+    """Writes a flush into ClickHouse in this process (embedded runner, the loader)."""
+
+    def __init__(self, storage: Any, *, database: str | None = None) -> None:
+        self._storage = storage
+        self._database = database
+
+    def write(self, flush: Flush) -> None:
+        from meterline.sinks.rollups import write_flush
+
+        write_flush(self._storage, flush, database=self._database)
+
+
+class KafkaOutputWriter:
+    """Produces flushes to the output topics; ``write`` returns once all are acked."""
+
+    def __init__(self, bootstrap_servers: str, usage_topic: str, *,
+                 timeout_s: float = 60.0, **extra: Any) -> None:
+        from confluent_kafka import Producer
+
+        self.topics = output_topics(usage_topic)
+        self._timeout_s = timeout_s
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+            "message.max.bytes": 16 << 20,
+        }
+        conf.update(extra)
+        self._producer = Producer(conf, logger=logging.getLogger("meterline.outputs.kafka"))
+        self._errors: list[str] = []
+
+    def _report(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def _send(self, topic: str, key: str, doc: dict[str, Any]) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, orjson.dumps(doc), key.encode(),
+                                       on_delivery=self._report)
+                return
+            except BufferError:  # local queue full: let deliveries drain
+                self._producer.poll(0.1)
+
+    def write(self, flush: Flush) -> None:
+        rollups = self.topics["rollups"]
+        for i in range(0, len(flush.rollups), CHUNK):
+            chunk = flush.rollups[i:i + CHUNK]
+            self._send(rollups, f"{chunk[0].source}/{chunk[0].partition}",
+                       {"rollups": [r.to_dict() for r in chunk]})
+        for d in flush.dead_letters:
+            self._send(self.topics["dead_letters"], f"{d.source}/{d.partition}/{d.offset}",
+                       {"dead_letters": [d.to_dict()]})
+        for late in flush.late:
+            self._send(self.topics["late"], late.customer, {"late": [late.to_dict()]})
+        remaining = self._producer.flush(self._timeout_s)
+        if remaining or self._errors:
+            errors, self._errors = self._errors, []
+            # The caller must not checkpoint: the flush is re-derived after a restart.
+            raise RuntimeError(f"output write failed ({remaining} undelivered): {errors[:5]}")
+
+    def close(self) -> None:
+        self._producer.flush(self._timeout_s)
+
+
+def decode_outputs(records: Sequence[SourceRecord]) -> tuple[Flush, list[str]]:
+    """Output-topic records -> one Flush. Unreadable records are reported, not raised:
+    only Meterline writes these topics, so one is a bug to look at, not data to lose
+    silently (the record stays in the topic)."""
+    flush, problems = Flush(), []
+    for rec in records:
+        try:
+            doc = orjson.loads(rec.payload)
+            flush.rollups += [RollupRecord.from_dict(d) for d in doc.get("rollups", ())]
+            flush.dead_letters += [DeadLetterRecord.from_dict(d)
+                                   for d in doc.get("dead_letters", ())]
+            flush.late += [LateRecord.from_dict(d) for d in doc.get("late", ())]
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+            problems.append(f"{rec.topic}[{rec.partition}]@{rec.offset}: {exc}")
+    return flush, problems
+
+
+class OutputLoader:
+    """Output topics -> ClickHouse, committing after each insert."""
+
+    def __init__(self, storage: Any, source: RecordSource, *, max_records: int = 500,
+                 database: str | None = None) -> None:
+        self._writer = StorageWriter(storage, database=database)
+        self._source = source
+        self._max_records = max_records
+        self.records = 0
+        self.rows = 0
+        self.problems: list[str] = []
+
+    def run_once(self, timeout_s: float = 0.2) -> int:
+        records = self._source.poll_records(self._max_records, timeout_s)
+        if not records:
+            return 0
+        flush, problems = decode_outputs(records)
+        for p in problems:
+            log.error("unreadable output record %s", p)
+        self.problems += problems
+        if len(flush):
+            self._writer.write(flush)
+        self._source.commit(records)
+        self.records += len(records)
+        self.rows += len(flush)
+        return len(records)
+
+    def run(self, *, until_idle_s: float | None = None, stop: Callable[[], bool] | None = None,
+            ) -> int:
+        idle_since = time.monotonic()
+        while stop is None or not stop():
+            if self.run_once():
+                idle_since = time.monotonic()
+            elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
+                break
+        return self.rows
