@@ -24,7 +24,8 @@ import orjson
 from meterline.core.outputs import DeadLetterRecord, Flush, LateRecord, RollupRecord
 from meterline.ingest.sources import RecordSource, SourceRecord
 
-__all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics"]
+__all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics",
+           "run_kafka_output_loader"]
 
 log = logging.getLogger(__name__)
 CHUNK = 2000
@@ -156,3 +157,26 @@ class OutputLoader:
             elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
                 break
         return self.rows
+
+
+def run_kafka_output_loader(config: Any, *, until_idle_s: float | None = None) -> int:
+    """`meterline load-rollups`: output topics -> the configured ClickHouse."""
+    from meterline.ingest.sources import KafkaSource
+    from meterline.sinks.schema import migrate
+    from meterline.sinks.storage import open_storage
+
+    storage = open_storage(config.storage_config())
+    source = KafkaSource(config.kafka.bootstrap_servers,
+                         list(output_topics(config.kafka.topic).values()),
+                         f"{config.kafka.group_id}-output-loader")
+    try:
+        migrate(storage, storage.database, config.retention_policy())
+        loader = OutputLoader(storage, source)
+        rows = loader.run(until_idle_s=until_idle_s)
+        print(f"loaded {rows} output rows from {loader.records} records"
+              + (f"; {len(loader.problems)} unreadable" if loader.problems else ""))
+        return rows
+    finally:
+        source.close()
+        storage.close()
+

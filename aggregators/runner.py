@@ -139,6 +139,10 @@ class RollupWorker:
         self.store.save({self._key(tp): self.processors[tp].checkpoint() for tp in tps})
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
+        t = self.totals()
+        log.info("checkpoint %d of %d partitions: records=%d accepted=%d duplicate=%d late=%d "
+                 "rejected=%d", self.checkpoints, len(tps), t.records, t.accepted, t.duplicate,
+                 t.late, t.rejected)
         return {tp: self.processors[tp].next_offset for tp in tps}
 
     def totals(self) -> Counters:

@@ -408,8 +408,8 @@ class KafkaBroker:
             "kafka.tools.StorageTool",
             "format",
             "--ignore-formatted",
-            "--cluster-id",
-            _new_cluster_id(),
+            # One argument: an id starting with '-' would otherwise parse as an option.
+            f"--cluster-id={_new_cluster_id()}",
             "--config",
             str(self.config_file),
             short_lived=True,

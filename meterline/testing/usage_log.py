@@ -97,6 +97,8 @@ def usage_records(events: int, customers: int, partitions: int, *, start_ms: int
             else:
                 dim, values = DIMENSIONS[meter]
                 dims = {dim: rng.choice(values)}
+                if meter == "api_calls":  # its group_by is (endpoint, region)
+                    dims["region"] = rng.choice(("eu", "us"))
             eid = None
             distinct = True
             if used_ids and rng.random() < explicit_id_rate * duplicate_id_rate:
