@@ -55,18 +55,6 @@ class WorkerSettings:
     def checkpoint_topic(self) -> str:
         return f"{self.topic}.checkpoints"
 
-    @classmethod
-    def from_env(cls, base: WorkerSettings, env: Mapping[str, str] | None = None,
-                 ) -> WorkerSettings:
-        env = os.environ if env is None else env
-        return cls(
-            base.bootstrap_servers, base.topic,
-            env.get("METERLINE_ROLLUP_GROUP", base.group),
-            float(env.get("METERLINE_FLUSH_INTERVAL_S", base.flush_interval_s)),
-            float(env.get("METERLINE_CHECKPOINT_INTERVAL_S", base.checkpoint_interval_s)),
-            base.rollup,
-        )
-
 
 def ensure_topics(settings: WorkerSettings, timeout_s: float = 30.0) -> None:
     """Create the output and checkpoint topics if missing (same partition count as the
@@ -210,8 +198,16 @@ def run_worker(config: Any) -> None:
     """Blocking: run the worker until SIGTERM/SIGINT."""
     import faust
 
-    settings = WorkerSettings.from_env(WorkerSettings(
-        config.kafka.bootstrap_servers, config.kafka.topic))
+    r = config.rollups
+    settings = WorkerSettings(
+        config.kafka.bootstrap_servers, config.kafka.topic, r.group_id, r.flush_interval_s,
+        r.checkpoint_interval_s,
+        RollupSettings(r.allowed_lateness_ms, r.watermark_delay_ms, r.dedupe_horizon_ms))
     ensure_topics(settings)
     app = build_app(settings, config.registry())
+    port = os.environ.get("METERLINE_METRICS_PORT")
+    if port:
+        from meterline.aggregators.metrics import serve_metrics
+
+        serve_metrics(app.meterline_worker, int(port))
     faust.Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()

@@ -145,9 +145,12 @@ class RollupWorker:
                  t.late, t.rejected)
         return {tp: self.processors[tp].next_offset for tp in tps}
 
+    def checkpoint_age_s(self, now: float) -> float:
+        return now - self._last_checkpoint
+
     def totals(self) -> Counters:
         total = Counters()
         total.add(self.counters)
-        for proc in self.processors.values():
+        for proc in list(self.processors.values()):  # list(): read from a scrape thread
             total.add(proc.counters)
         return total

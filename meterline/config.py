@@ -18,8 +18,17 @@
     [meters]
     file = "meters.toml"           # default: the demo meters shipped with Meterline
 
+    [rollups]                      # `meterline worker`; see docs/rollups.md
+    group_id = "meterline-rollups"
+    allowed_lateness_ms = 7200000  # 2 h after a window's end (by the watermark)
+    watermark_delay_ms = 60000     # watermark = newest event time of the partition - this
+    dedupe_horizon_ms = 86400000   # 24 h: a resent batch or event id within it counts once
+    flush_interval_s = 0.5         # changed windows are written at least this often
+    checkpoint_interval_s = 5.0    # after a crash, at most about this much is replayed
+
 Environment: METERLINE_KAFKA_BOOTSTRAP, METERLINE_TOPIC, METERLINE_CLICKHOUSE_URL,
-METERLINE_DATA_DIR override the file.
+METERLINE_DATA_DIR, METERLINE_ROLLUP_GROUP, METERLINE_FLUSH_INTERVAL_S,
+METERLINE_CHECKPOINT_INTERVAL_S override the file.
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS
 from meterline.core.errors import ConfigError
+from meterline.core.lateness import DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_WATERMARK_DELAY_MS
 from meterline.core.meters import MeterRegistry
 
 DEFAULT_METERS = Path(__file__).with_name("default_meters.toml")
@@ -51,12 +62,47 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class RollupConfig:
+    group_id: str = "meterline-rollups"
+    allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS
+    watermark_delay_ms: int = DEFAULT_WATERMARK_DELAY_MS
+    dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS
+    flush_interval_s: float = 0.5
+    checkpoint_interval_s: float = 5.0
+
+    def errors(self) -> list[str]:
+        out = []
+        if not isinstance(self.group_id, str) or not self.group_id:
+            out.append("[rollups] group_id must be a non-empty string")
+        for name in ("allowed_lateness_ms", "watermark_delay_ms", "dedupe_horizon_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                out.append(f"[rollups] {name} must be an int >= 0 (milliseconds), got {value!r}")
+        for name in ("flush_interval_s", "checkpoint_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                out.append(f"[rollups] {name} must be a number > 0 (seconds), got {value!r}")
+        if not out and self.dedupe_horizon_ms <= _min_dedupe_horizon_ms(self):
+            # Below this, a resend whose id was forgotten could land in a still-open window
+            # and count twice (see meterline.core.dedupe).
+            out.append(f"[rollups] dedupe_horizon_ms ({self.dedupe_horizon_ms}) must exceed an "
+                       "hour + watermark_delay_ms + allowed_lateness_ms "
+                       f"({_min_dedupe_horizon_ms(self)})")
+        return out
+
+
+def _min_dedupe_horizon_ms(r: RollupConfig) -> int:
+    return 3_600_000 + r.watermark_delay_ms + r.allowed_lateness_ms
+
+
+@dataclass(frozen=True)
 class AppConfig:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     # RetentionPolicy keyword arguments: ``*_days`` ints and ``meters`` {meter: {field: days}}
     retention: dict[str, Any] = field(default_factory=dict)
     meters_file: Path = DEFAULT_METERS
+    rollups: RollupConfig = field(default_factory=RollupConfig)
 
     def storage_config(self) -> Any:
         from meterline.sinks.storage import StorageConfig
@@ -84,7 +130,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
             doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError([str(exc)], source) from None
-    known = {"kafka", "storage", "retention", "meters"}
+    known = {"kafka", "storage", "retention", "meters", "rollups"}
     errors += [f"unknown section [{k}]" for k in sorted(set(doc) - known)]
     kafka = _section(doc, "kafka", KafkaSettings, errors)
     storage = _section(doc, "storage", StorageSettings, errors)
@@ -104,7 +150,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         meters_file = (base / str(meters["file"])).resolve()
         if not meters_file.is_file():
             errors.append(f"[meters] file {meters_file} does not exist")
+    rollups = _rollups(doc, env, errors)
     config = AppConfig(
+        rollups=rollups,
         kafka=KafkaSettings(**kafka),
         storage=StorageSettings(**storage),
         retention=retention,
@@ -167,3 +215,29 @@ def _section(doc: dict[str, Any], name: str, cls: type, errors: list[str]) -> di
         if value is not None and not isinstance(value, str):
             errors.append(f"[{name}] {key} must be a string")
     return out
+
+
+_ROLLUP_ENV = {"METERLINE_ROLLUP_GROUP": ("group_id", str),
+               "METERLINE_FLUSH_INTERVAL_S": ("flush_interval_s", float),
+               "METERLINE_CHECKPOINT_INTERVAL_S": ("checkpoint_interval_s", float)}
+
+
+def _rollups(doc: dict[str, Any], env: dict[str, str], errors: list[str]) -> RollupConfig:
+    raw = doc.get("rollups", {})
+    if not isinstance(raw, dict):
+        errors.append("[rollups] must be a table")
+        raw = {}
+    allowed = {f.name for f in fields(RollupConfig)}
+    errors += [f"[rollups] unknown key {k!r} (known: {', '.join(sorted(allowed))})"
+               for k in sorted(set(raw) - allowed)]
+    values = {k: v for k, v in raw.items() if k in allowed}
+    for var, (name, kind) in _ROLLUP_ENV.items():
+        if var in env:
+            try:
+                values[name] = kind(env[var])
+            except ValueError:
+                errors.append(f"{var} must be a {kind.__name__}, got {env[var]!r}")
+    config = RollupConfig(**values)
+    found = config.errors()
+    errors += found
+    return RollupConfig() if found else config
