@@ -61,5 +61,5 @@ class RollupCollector:
 def serve_metrics(worker: RollupWorker, port: int, addr: str = "0.0.0.0") -> None:
     from prometheus_client import REGISTRY, start_http_server
 
-    REGISTRY.register(RollupCollector(worker))  # type: ignore[arg-type]
+    REGISTRY.register(RollupCollector(worker))
     start_http_server(port, addr)
