@@ -1,4 +1,4 @@
-"""`meterline` command line: demo, migrate, load-raw, usage."""
+"""`meterline` command line: demo, migrate, load-raw, rollup-local, usage."""
 
 from __future__ import annotations
 
@@ -28,6 +28,24 @@ def main(argv: list[str] | None = None) -> int:
     load = sub.add_parser("load-raw", help="Kafka -> raw events in ClickHouse")
     load.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                       help="stop after this long without new records (default: run forever)")
+
+    rollup = sub.add_parser("rollup-local",
+                            help="embedded local log -> hourly/daily rollups (no Kafka)")
+    rollup.add_argument("--log", type=Path, required=True, help="the local log (SQLite file)")
+    rollup.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint file (default: <log>.rollup-checkpoints.db beside it)")
+    rollup.add_argument("--group", default="rollups",
+                        help="consumer name: its offsets and checkpoints (default: rollups)")
+    rollup.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long without new records (default: run forever)")
+
+    sub.add_parser("worker", help="Kafka usage topic -> hourly/daily rollups (Faust worker; "
+                   "outputs go to <topic>.rollups/.dead-letters/.late-events)")
+
+    load_rollups = sub.add_parser("load-rollups",
+                                  help="the worker's output topics -> ClickHouse tables")
+    load_rollups.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                              help="stop after this long without new records")
 
     usage = sub.add_parser("usage", help="print exact usage of one customer")
     usage.add_argument("customer")
@@ -72,6 +90,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterline.ingest.raw_loader import run_kafka_loader
 
         run_kafka_loader(config, until_idle_s=args.until_idle)
+        return 0
+    if args.command == "rollup-local":
+        from meterline.aggregators.embedded import run_rollup_local
+
+        run_rollup_local(config, args.log, checkpoint_path=args.checkpoint, group=args.group,
+                         until_idle_s=args.until_idle)
+        return 0
+    if args.command == "worker":
+        from meterline.aggregators.faust_worker import run_worker
+
+        run_worker(config)
+        return 0
+    if args.command == "load-rollups":
+        from meterline.aggregators.outputs_io import run_kafka_output_loader
+
+        run_kafka_output_loader(config, until_idle_s=args.until_idle)
         return 0
     if args.command == "usage":
         from meterline.demo import print_usage

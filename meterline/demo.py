@@ -1,7 +1,9 @@
 """`meterline demo`: the whole path on one machine, no servers.
 
 synthetic usage -> Emitter (SDK) -> embedded durable local log -> raw-events stage ->
-chDB -> exact per-customer, per-meter totals, checked against the generator's ground truth.
+chDB -> exact per-customer, per-meter totals; then the embedded rollup stage over the same
+log -> hourly/daily rollups in chDB -> every (customer, meter, hour) and (customer, meter,
+day) total checked against the generator's ground truth.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from meterline.config import AppConfig
 from meterline.core.quantity import format_nanos
+from meterline.core.windows import DAY_MS, HOUR_MS
 from meterline.ingest.local_log import LocalLog, LocalLogTransport
 from meterline.ingest.raw_loader import RawEventLoader
 from meterline.ingest.sources import LocalLogRecordSource
@@ -31,10 +35,14 @@ class DemoResult:
     pairs_checked: int
     mismatches: int
     seconds: float
+    windows_checked: int = 0  # (customer, meter, hour) and (customer, meter, day) totals
+    window_mismatches: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
-        return self.mismatches == 0 and self.pairs_checked > 0
+        return (self.mismatches == 0 and self.pairs_checked > 0
+                and self.window_mismatches == 0 and self.windows_checked > 0)
 
 
 def _progress(items: Iterable[T], enabled: bool, **kwargs: Any) -> Iterator[T]:
@@ -56,6 +64,14 @@ def _fresh_workdir(workdir: Path) -> None:
     (workdir / _MARKER).write_text("created by meterline demo; safe to delete\n")
 
 
+def _bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit_scale=True, dynamic_ncols=True, desc=desc)
+
+
 def run_demo(
     workdir: Path,
     *,
@@ -65,20 +81,23 @@ def run_demo(
     progress: bool = True,
     config: AppConfig | None = None,
 ) -> DemoResult:
+    from meterline.aggregators.embedded import run_embedded_rollups
     from meterline.sinks.raw_events import UsageSummaryQuery
+    from meterline.sinks.rollups import RollupTotalsQuery
     from meterline.sinks.schema import migrate
     from meterline.sinks.storage import StorageConfig, open_storage
 
     config = config or AppConfig()
     registry = config.registry()
     t0 = time.monotonic()
+    stage_seconds: dict[str, float] = {}
     _fresh_workdir(workdir)
     print(f"Meterline demo: {events:,} usage events from {customers:,} customers, "
           f"{len(registry)} meters ({', '.join(registry.names)})")
 
     # 1. The application side: the SDK batches events into the embedded local log.
     log = LocalLog(workdir / "log.db", partitions=4)
-    truth = GroundTruth()
+    truth = GroundTruth(registry=registry)
     emitter = Emitter(
         EmitterConfig(topic="local", spool_dir=workdir / "spool", bootstrap_servers=None),
         registry=registry,
@@ -87,25 +106,22 @@ def run_demo(
     stream = generate(events, customers, end_ms=time.time_ns() // 1_000_000, seed=seed,
                       truth=truth)
     emit = emitter.emit
-    for ev in _progress(stream, progress, total=events, desc="emit  (SDK)"):
+    for ev in _progress(stream, progress, total=events, desc="emit   (SDK)"):
         emit(ev.customer, ev.meter, ev.quantity, timestamp_ms=ev.timestamp_ms,
              dimensions=ev.dimensions)
     if not emitter.close(timeout=120):
         raise SystemExit("the SDK could not deliver every event to the local log")
     stats = emitter.stats()
+    stage_seconds["emit"] = time.monotonic() - t0
 
     # 2. The pipeline side: batches from the log into ClickHouse (embedded chDB).
     storage = open_storage(StorageConfig(data_dir=str(workdir / "chdb")))
     try:
+        t = time.monotonic()
         migrate(storage, storage.database, config.retention_policy())
         source = LocalLogRecordSource(log, consumer="raw-events")
         loader = RawEventLoader(storage, source, max_records=64)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=stats.delivered, unit_scale=True, dynamic_ncols=True,
-                       desc="load  (chDB)")
+        bar = _bar(progress, stats.delivered, "load   (chDB)")
         while source.lag():
             step = loader.run_once(timeout_s=0)
             if bar is not None:
@@ -113,18 +129,118 @@ def run_demo(
         if bar is not None:
             bar.close()
         summary = UsageSummaryQuery(database=storage.database).run(storage)
+        stage_seconds["raw"] = time.monotonic() - t
+
+        # 3. The rollup stage over the same log: hourly and daily windows, exactly once.
+        t = time.monotonic()
+        bar = _bar(progress, stats.delivered, "rollup (chDB)")
+        counters = run_embedded_rollups(
+            log, storage, registry, checkpoint_path=workdir / "rollup-checkpoints.db",
+            until_idle_s=0, database=storage.database,
+            on_step=None if bar is None else (lambda s: bar.update(s.events)))
+        if bar is not None:
+            bar.close()
+        stage_seconds["rollup"] = time.monotonic() - t
+        t = time.monotonic()
+        hourly = RollupTotalsQuery("hour", database=storage.database).run(storage)
+        daily = RollupTotalsQuery("day", database=storage.database).run(storage)
     finally:
         storage.close()
         log.close()
 
-    # 3. What a person wants to see: totals per meter, top customers, and the proof.
+    # 4. What a person wants to see: totals per meter, top customers, and the proof.
     got = {(r.customer, r.meter): (r.quantity_nano, r.events) for r in summary}
     mismatches = sum(
         1 for key, nanos in truth.sums.items() if got.get(key) != (nanos, truth.counts[key])
     ) + len(set(got) - set(truth.sums))
+    want_hourly, want_daily = truth.window_totals("hour"), truth.window_totals("day")
+    window_diffs = _diff("hour", hourly, want_hourly) + _diff("day", daily, want_daily)
+    checked = len(set(hourly) | set(want_hourly)) + len(set(daily) | set(want_daily))
+    stage_seconds["verify"] = time.monotonic() - t
     seconds = time.monotonic() - t0
     _print_report(summary, registry, truth, mismatches, seconds, loader.totals.dead_letters)
-    return DemoResult(truth.events, len(truth.sums), mismatches, seconds)
+    _print_rollups(registry, counters, hourly, daily, window_diffs, checked, stage_seconds)
+    print(f"Done in {seconds:.1f}s ({truth.events / seconds:,.0f} events/s end to end; "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()) + ").")
+    return DemoResult(truth.events, len(truth.sums), mismatches, seconds, checked,
+                      len(window_diffs), stage_seconds)
+
+
+def _diff(granularity: str, got: dict[tuple[str, str, int], int],
+          want: dict[tuple[str, str, int], int]) -> list[str]:
+    return [f"{granularity} {c} {m} {_utc(start)}: rollup {_num(got.get((c, m, start)))}, "
+            f"truth {_num(want.get((c, m, start)))}"
+            for c, m, start in sorted(set(got) | set(want))
+            if got.get((c, m, start)) != want.get((c, m, start))]
+
+
+def _utc(ms: int, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime(fmt)
+
+
+def _num(nanos: int | None) -> str:
+    """Exact decimal with thousands separators: 1234567.5 -> 1,234,567.5."""
+    if nanos is None:
+        return "-"
+    text = format_nanos(nanos)
+    whole, dot, frac = text.partition(".")
+    sign = "-" if whole.startswith("-") else ""
+    return f"{sign}{int(whole.lstrip('-')):,}{dot}{frac}"
+
+
+# How a meter's per-customer values combine into the per-meter daily line.
+_COMBINED = {"count": "events", "sum": "total", "max": "sum of peaks",
+             "min": "sum of lows", "unique_count": "distinct users", "latest": "sum"}
+
+
+def _print_rollups(registry: Any, counters: Any, hourly: dict[tuple[str, str, int], int],
+                   daily: dict[tuple[str, str, int], int], diffs: list[str], checked: int,
+                   stage_seconds: dict[str, float]) -> None:
+    events = counters.accepted + counters.duplicate + counters.late + counters.rejected
+    print(f"\nRollups (embedded runner over the same log, {stage_seconds['rollup']:.1f}s): "
+          f"{events:,} events: {counters.accepted:,} accepted, {counters.duplicate:,} "
+          f"duplicate, {counters.late:,} too late, {counters.rejected:,} rejected"
+          + (f" {counters.by_reason}" if counters.by_reason else ""))
+    days = sorted({start for _, _, start in daily})
+    per_meter: dict[str, dict[int, int]] = {}
+    for (_customer, meter, start), value in daily.items():
+        row = per_meter.setdefault(meter, {})
+        row[start] = row.get(start, 0) + value
+    print("\nDaily totals per meter (UTC days, all customers):")
+    header = f"  {'meter':<17}{'':<23}" + "".join(f"{_utc(d, '%Y-%m-%d'):>18}" for d in days)
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for name in sorted(per_meter):
+        meter = registry.get(name)
+        kind = meter.aggregation.value if meter else "?"
+        label = f"{_COMBINED.get(kind, kind)} ({meter.unit if meter else ''})"
+        print(f"  {name:<17}{label:<23}"
+              + "".join(f"{_num(per_meter[name].get(d)):>18}" for d in days))
+
+    # The top customer's busiest day of api_calls, hour by hour.
+    calls = {(c, start): v for (c, m, start), v in daily.items() if m == "api_calls"}
+    if calls:
+        per_customer: dict[str, int] = {}
+        for (c, _), v in calls.items():
+            per_customer[c] = per_customer.get(c, 0) + v
+        top = max(per_customer, key=lambda c: (per_customer[c], c))
+        day = max((start for c, start in calls if c == top), key=lambda d: calls[(top, d)])
+        print(f"\n{top} api_calls per hour on its busiest day, {_utc(day, '%Y-%m-%d')} UTC "
+              f"({_num(calls[(top, day)])} requests):")
+        cells = [f"{h:02d}h {_num(hourly.get((top, 'api_calls', day + h * HOUR_MS))):>7}"
+                 for h in range(DAY_MS // HOUR_MS)]
+        for i in range(0, len(cells), 6):
+            print("  " + "   ".join(cells[i:i + 6]))
+    print()
+    hours = sum(1 for _ in hourly)
+    if not diffs:
+        print(f"Exact: rollups equal the ground truth for all {checked:,} windows "
+              f"({hours:,} customer-meter-hours, {len(daily):,} customer-meter-days).")
+    else:
+        print(f"MISMATCH: {len(diffs)} of {checked:,} rollup windows differ from the ground "
+              "truth:")
+        for line in diffs[:10]:
+            print(f"  {line}")
 
 
 def _print_report(summary: list[Any], registry: Any, truth: GroundTruth, mismatches: int,
@@ -158,8 +274,7 @@ def _print_report(summary: list[Any], registry: Any, truth: GroundTruth, mismatc
     else:
         print(f"MISMATCH: {mismatches} of {pairs} (customer, meter) totals differ from the "
               "ground truth.")
-    print(f"Dead letters: {dead_letters}.  Done in {seconds:.1f}s "
-          f"({truth.events / seconds:,.0f} events/s end to end).")
+    print(f"Dead letters: {dead_letters}.")
 
 
 def print_usage(config: AppConfig, customer: str, meter: str | None) -> None:

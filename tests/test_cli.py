@@ -20,6 +20,9 @@ def test_demo_small_run_is_exact(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Exact: ClickHouse totals equal the ground truth" in out.stdout
     assert "30,000 events" in out.stdout
+    assert "Exact: rollups equal the ground truth for all" in out.stdout, out.stdout
+    assert "30,000 events: 30,000 accepted, 0 duplicate, 0 too late, 0 rejected" in out.stdout
+    assert "api_calls per hour on its busiest day" in out.stdout
 
     # The demo's chDB directory can then be queried and migrated through the CLI.
     env = {"METERLINE_DATA_DIR": str(tmp_path / "demo" / "chdb")}
@@ -48,3 +51,34 @@ def test_bad_config_reports_every_error(tmp_path: Path) -> None:
     for fragment in ("unknown section [nope]", "unknown key 'bootstrap'", "data_dir must be",
                      "raw_events_days"):
         assert fragment in out.stderr, out.stderr
+
+
+def test_rollup_local_runs_to_idle_and_resumes(tmp_path: Path) -> None:
+    from meterline.ingest.local_log import LocalLog, LocalLogTransport
+    from meterline.sdk import Emitter, EmitterConfig
+
+    log_path = tmp_path / "log.db"
+    log = LocalLog(log_path, partitions=2)
+    config = EmitterConfig(topic="local", bootstrap_servers=None, spool_dir=tmp_path / "spool")
+    with Emitter(config, transport=LocalLogTransport(log)) as emitter:
+        for i in range(500):
+            emitter.emit(f"c{i % 7}", "llm_tokens", 3, dimensions={"model": "small"})
+        emitter.emit("c1", "no_such_meter", 1)
+        assert emitter.flush(10)
+    log.append(0, [b"not an envelope"])
+    log.close()
+
+    env = {"METERLINE_DATA_DIR": str(tmp_path / "chdb")}
+    out = _meterline("rollup-local", "--log", str(log_path), "--until-idle", "0.3", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "accepted            500" in out.stdout, out.stdout
+    assert "rejected              2" in out.stdout
+    assert "event.unknown_meter" in out.stdout and "envelope.malformed_json" in out.stdout
+    assert (tmp_path / "log.rollup-checkpoints.db").exists()
+
+    again = _meterline("rollup-local", "--log", str(log_path), "--until-idle", "0.3", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "records 0 " in again.stdout, "a second run resumes after the committed offsets"
+
+    missing = _meterline("rollup-local", "--log", str(tmp_path / "nope.db"), env=env)
+    assert missing.returncode == 2 and "no local log" in missing.stderr
