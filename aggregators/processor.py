@@ -42,6 +42,7 @@ from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import WHOLE_RECORD, DeadLetterRecord, Flush, LateRecord, RollupRecord
 from meterline.core.quantity import format_nanos
 from meterline.core.rollup import BatchOutcome, Dedupers, RollupState, WindowKey
+from meterline.core.windows import DAY_MS, HOUR_MS
 from meterline.ingest.sources import SourceRecord
 
 __all__ = ["CHECKPOINT_FORMAT", "Counters", "PartitionProcessor", "RollupSettings"]
@@ -188,14 +189,12 @@ class PartitionProcessor:
         """Everything changed since the last flush, then evict windows that can no longer
         change (their final totals are in this or an earlier flush)."""
         flush, self._pending = self._pending, Flush()
+        source, partition = self.source, self.partition
         flush.rollups = [
-            RollupRecord(
-                window=r.window, customer=r.customer, meter=r.meter, group=r.group,
-                window_start_ms=r.window_start_ms, window_end_ms=r.window_end_ms,
-                aggregation=r.aggregation, value_nanos=r.value_nanos, events=r.events,
-                version=r.version, source=self.source, partition=self.partition,
-            )
-            for r in self.state.snapshot(self._dirty)
+            RollupRecord(key.window, key.customer, key.meter, key.group, key.window_start_ms,
+                         key.window_start_ms + (HOUR_MS if key.window == "hourly" else DAY_MS),
+                         aggregation, value, events, events, source, partition)
+            for key, aggregation, value, events in self.state.totals(self._dirty)
         ]
         self._dirty = set()
         self.state.evict_closed(self.watermark)
