@@ -113,3 +113,16 @@ def test_load_rollups_moves_worker_outputs_into_clickhouse(kafka_broker: Any,
     assert "loaded 2 output rows from 2 records" in first.stdout, first.stdout
     again = _meterline("load-rollups", "--until-idle", "8", env=env)
     assert "loaded 0 output rows" in again.stdout, again.stdout
+
+    # The raw-events stage reads the usage topic itself.
+    from confluent_kafka import Producer
+
+    from meterline.core.envelope import Batch, encode_batch
+
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
+    producer.produce(topic, encode_batch(Batch("b1", now, ["c1", "c2"], ["api_calls"] * 2,
+                                               [10**9] * 2, [now] * 2)))
+    assert producer.flush(10) == 0
+    raw = _meterline("load-raw", "--until-idle", "8", env=env)
+    assert raw.returncode == 0, raw.stderr
+    assert "loaded 2 events from 1 records" in raw.stdout, raw.stdout
