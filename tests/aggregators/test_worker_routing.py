@@ -50,7 +50,7 @@ def test_late_too_late_and_invalid_events_are_routed(
                                       config={"message.timestamp.type": "LogAppendTime"})
     group = f"{topic}-rollups"
     now = time.time_ns() // 1_000_000
-    hour = now - now % HOUR_MS - 3 * HOUR_MS  # a window 3-4 hours back
+    hour = now - now % HOUR_MS - 5 * HOUR_MS  # 5 hours back: hour + 4 h is still in the past
     records = [
         # 1. on time: opens the hour and moves the watermark to ~hour + 59 min
         encode_batch(Batch("b1", now, ["acme"] * 2, ["llm_tokens"] * 2, [5 * SCALE, 7 * SCALE],
