@@ -132,7 +132,7 @@ class PartitionProcessor:
             if now_ms < 0:  # no log timestamp at all (not Kafka): the batch's own clock
                 now_ms = self._clock_ms = max(self._clock_ms, batch.created_ms)
             outcome = self.state.apply_batch(batch, self.registry, self.dedupers,
-                                             self.watermark, now_ms)
+                                             self.watermark, now_ms, self._dirty)
             self._collect(record, batch, outcome, now_ms)
         self.next_offset = record.offset + 1
 
@@ -143,7 +143,6 @@ class PartitionProcessor:
         c.duplicate += out.duplicate
         c.late += out.late
         c.late_allowed += out.late_allowed
-        self._dirty |= out.dirty
         for dl in out.dead_letters:
             i = dl.position
             event: dict[str, Any] = {

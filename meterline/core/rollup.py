@@ -195,8 +195,12 @@ class RollupState:
         return list(self._cells)
 
     def apply_batch(self, batch: Batch, registry: MeterRegistry, dedupers: Dedupers,
-                    watermark: PartitionWatermark, now_ms: int) -> BatchOutcome:
-        out = BatchOutcome(batch.batch_id)
+                    watermark: PartitionWatermark, now_ms: int,
+                    dirty: set[WindowKey] | None = None) -> BatchOutcome:
+        """``dirty``: a set to collect changed windows in (the caller's running set, which
+        saves merging a per-batch set into it); ``out.dirty`` is that set."""
+        out = BatchOutcome(batch.batch_id) if dirty is None else BatchOutcome(batch.batch_id,
+                                                                              dirty=dirty)
         if dedupers.batches.seen_or_add(batch.batch_id, now_ms):
             out.duplicate_batch, out.duplicate = True, len(batch)
             return out
