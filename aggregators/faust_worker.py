@@ -122,9 +122,28 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
 
     async def flush(*, checkpoint: bool, only: list[TopicPartition] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        offsets = await loop.run_in_executor(
-            None, lambda: worker.flush(checkpoint=checkpoint, only=only))
+        try:
+            offsets = await loop.run_in_executor(
+                None, lambda: worker.flush(checkpoint=checkpoint, only=only))
+        except Exception:
+            # Outputs or checkpoint could not be written (e.g. the broker is away longer
+            # than the producer's timeout): the records were put back, nothing was acked;
+            # the next flush retries.
+            log.exception("flush failed; retrying at the next interval")
+            return
         await ack_through(offsets)
+
+    def process(record: SourceRecord) -> None:
+        try:
+            worker.process(record)
+        except Exception:
+            # A bug, not bad input (bad input becomes dead letters). The partition's state
+            # may hold part of this record, so it must never be flushed or checkpointed:
+            # exit now and let the restart replay from the last checkpoint.
+            log.critical("unexpected error processing %s[%d]@%d; exiting without flushing",
+                         record.topic, record.partition, record.offset, exc_info=True)
+            logging.shutdown()
+            os._exit(70)
 
     @app.agent(topic)
     async def rollups(stream: Any) -> None:
@@ -135,7 +154,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             record = SourceRecord(m.topic, m.partition, m.offset, event.value or b"",
                                   round(ts * 1000) if ts else -1)
             async with lock:
-                worker.process(record)
+                process(record)
                 tp = TopicPartition(m.topic, m.partition)
                 if tp in worker.processors:
                     unacked.setdefault(tp, deque()).append(event)

@@ -189,7 +189,7 @@ class PartitionProcessor:
         change (their final totals are in this or an earlier flush)."""
         flush, self._pending = self._pending, Flush()
         source, partition = self.source, self.partition
-        flush.rollups = [
+        flush.rollups += [
             RollupRecord(key.window, key.customer, key.meter, key.group, key.window_start_ms,
                          key.window_start_ms + (HOUR_MS if key.window == "hourly" else DAY_MS),
                          aggregation, value, events, events, source, partition)
@@ -198,6 +198,14 @@ class PartitionProcessor:
         self._dirty = set()
         self.state.evict_closed(self.watermark)
         return flush
+
+    def put_back(self, flush: Flush) -> None:
+        """A flush that could not be written: keep it for the next one (its windows may
+        already be evicted, so the records themselves are kept, not the keys). Rollup rows
+        it repeats are superseded by newer versions; checkpoints wait until it is written."""
+        pending, self._pending = self._pending, Flush()
+        self._pending.extend(flush)
+        self._pending.extend(pending)
 
     # ------------------------------------------------------------------ checkpoints
 

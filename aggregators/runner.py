@@ -128,10 +128,18 @@ class RollupWorker:
         offsets that are now safe to commit."""
         tps = sorted(self.processors if only is None else only)
         combined = Flush()
-        for tp in tps:
-            combined.extend(self.processors[tp].take_flush())
+        parts = {tp: self.processors[tp].take_flush() for tp in tps}
+        for part in parts.values():
+            combined.extend(part)
         if len(combined):
-            self.writer.write(combined)
+            try:
+                self.writer.write(combined)
+            except BaseException:
+                # Nothing is lost: the records go back and are written by a later flush,
+                # and no checkpoint is taken before they are.
+                for tp, part in parts.items():
+                    self.processors[tp].put_back(part)
+                raise
         self.flushes += 1
         self._last_flush = time.monotonic()
         if not checkpoint:

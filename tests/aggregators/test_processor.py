@@ -193,3 +193,32 @@ def test_checkpoint_refuses_unflushed_changes() -> None:
         Batch("b1", DAY0, ["a"], ["calls"], [SCALE], [DAY0])), DAY0))
     with pytest.raises(RuntimeError):
         proc.checkpoint()
+
+
+def test_a_failed_write_is_put_back_and_blocks_checkpoints_until_written() -> None:
+    from meterline.aggregators.checkpoints import MemoryCheckpointStore
+    from meterline.aggregators.runner import RollupWorker, TopicPartition
+
+    class FlakyWriter:
+        def __init__(self) -> None:
+            self.fail, self.written = True, ReplacingTable()
+
+        def write(self, flush: Flush) -> None:
+            if self.fail:
+                raise ConnectionError("ClickHouse away")
+            self.written.write(flush)
+
+    records, expected = make_records(60)
+    writer, store = FlakyWriter(), MemoryCheckpointStore()
+    worker = RollupWorker(REGISTRY, writer, store, group="g")
+    worker.assign([TopicPartition("usage", 0)])
+    for rec in records[:30]:
+        worker.process(rec)
+    with pytest.raises(ConnectionError):
+        worker.flush(checkpoint=True)
+    assert store.saves == 0  # nothing checkpointed past unwritten outputs
+    for rec in records[30:]:
+        worker.process(rec)
+    writer.fail = False
+    assert worker.flush(checkpoint=True) == {TopicPartition("usage", 0): 60}
+    assert writer.written.totals("hourly") == expected
