@@ -178,8 +178,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             mine = [tp for tp in gone if tp in worker.processors]
             if mine:
                 await flush(checkpoint=True, only=mine)
-                for tp in mine:
-                    worker.counters.add(worker.processors.pop(tp).counters)
+                worker.drop(mine)
             for tp in gone:
                 unacked.pop(tp, None)
 
@@ -191,8 +190,9 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         assigned = {tp for tp in consumer.assignment() if tp.topic == settings.topic}
         wanted = {TopicPartition(tp.topic, tp.partition): tp for tp in assigned}
         async with lock:
-            for tp in [tp for tp in worker.processors if tp not in wanted]:
-                worker.counters.add(worker.processors.pop(tp).counters)
+            stale = [tp for tp in worker.processors if tp not in wanted]
+            worker.drop(stale)
+            for tp in stale:
                 unacked.pop(tp, None)
             loop = asyncio.get_running_loop()
             positions = await loop.run_in_executor(None, worker.assign, list(wanted))

@@ -30,6 +30,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, InMemoryDeduper
 from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
@@ -214,11 +216,6 @@ class PartitionProcessor:
         checkpoint with unwritten changes would lose them on restore."""
         if self.pending:
             raise RuntimeError("checkpoint() with unflushed changes; call take_flush() first")
-        cells = []
-        for key in self.state.window_keys():
-            aggregation, plain, events = self.state.export(key)
-            cells.append([key.window, key.customer, key.meter, [list(g) for g in key.group],
-                          key.window_start_ms, aggregation, plain, events])
         doc = {
             "format": CHECKPOINT_FORMAT, "source": self.source, "partition": self.partition,
             "next_offset": self.next_offset, "clock_ms": self._clock_ms,
@@ -227,10 +224,13 @@ class PartitionProcessor:
                          self.settings.dedupe_horizon_ms],
             "batches": self.dedupers.batches.export(),  # type: ignore[attr-defined]
             "events": self.dedupers.events.export(),  # type: ignore[attr-defined]
-            "cells": cells,
+            "cells": self.state.export_all(),
         }
-        # stdlib json, not orjson: totals may exceed 64-bit ints.
-        return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+        try:
+            data = orjson.dumps(doc)
+        except TypeError:  # a total beyond 64-bit ints: the stdlib encoder handles any int
+            data = json.dumps(doc, separators=(",", ":")).encode()
+        return zlib.compress(data, 1)
 
     @classmethod
     def from_checkpoint(cls, blob: bytes, registry: MeterRegistry,

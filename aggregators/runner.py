@@ -60,6 +60,7 @@ class RollupWorker:
         self._last_flush = self._last_checkpoint = time.monotonic()
         self.flushes = 0
         self.checkpoints = 0
+        self._saved: dict[TopicPartition, int] = {}  # next_offset at the last saved checkpoint
 
     def _key(self, tp: TopicPartition) -> str:
         return checkpoint_key(self.group, tp.topic, tp.partition)
@@ -79,7 +80,7 @@ class RollupWorker:
                 positions[tp] = None
             else:
                 proc = PartitionProcessor.from_checkpoint(blob, self.registry, self.settings)
-                positions[tp] = proc.next_offset
+                positions[tp] = self._saved[tp] = proc.next_offset
             self.processors[tp] = proc
             log.info("assigned %s[%d], resuming at %s", tp.topic, tp.partition, positions[tp])
         return positions
@@ -91,9 +92,17 @@ class RollupWorker:
         if not gone:
             return {}
         offsets = self.flush(checkpoint=True, only=gone)
-        for tp in gone:
-            self.counters.add(self.processors.pop(tp).counters)
+        self.drop(gone)
         return offsets
+
+    def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget partitions without flushing (their new owner replays what was not
+        checkpointed)."""
+        for tp in partitions:
+            proc = self.processors.pop(tp, None)
+            if proc is not None:
+                self.counters.add(proc.counters)
+            self._saved.pop(tp, None)
 
     # ------------------------------------------------------------------ records
 
@@ -144,7 +153,12 @@ class RollupWorker:
         self._last_flush = time.monotonic()
         if not checkpoint:
             return {}
-        self.store.save({self._key(tp): self.processors[tp].checkpoint() for tp in tps})
+        # An idle partition's state has not changed since its last checkpoint: skip it.
+        changed = [tp for tp in tps if self._saved.get(tp) != self.processors[tp].next_offset]
+        if changed:
+            self.store.save({self._key(tp): self.processors[tp].checkpoint() for tp in changed})
+            for tp in changed:
+                self._saved[tp] = self.processors[tp].next_offset
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
         t = self.totals()

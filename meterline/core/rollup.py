@@ -324,6 +324,12 @@ class RollupState:
         cell = self._cells[key]
         return cell.aggregator.name, cell.aggregator.to_plain(cell.state), cell.events
 
+    def export_all(self) -> list[list[Any]]:
+        """Every window as ``[window, customer, meter, group, start, aggregation, plain,
+        events]`` (JSON-ready), for a checkpoint."""
+        return [[k.window, k.customer, k.meter, k.group, k.window_start_ms, c.aggregator.name,
+                 c.aggregator.to_plain(c.state), c.events] for k, c in self._cells.items()]
+
     def restore(self, key: WindowKey, aggregation: str, plain: Any, events: int) -> None:
         agg = aggregator_for(aggregation)
         self._cells[key] = _Cell(agg, agg.from_plain(plain), events)
