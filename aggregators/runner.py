@@ -30,6 +30,7 @@ from meterline.ingest.sources import SourceRecord
 __all__ = ["OutputWriter", "RollupWorker", "TopicPartition"]
 
 log = logging.getLogger(__name__)
+FLUSH_COST_FACTOR = 4
 
 
 class OutputWriter(Protocol):
@@ -60,7 +61,8 @@ class RollupWorker:
         self._last_flush = self._last_checkpoint = time.monotonic()
         self.flushes = 0
         self.checkpoints = 0
-        self._saved: dict[TopicPartition, int] = {}  # next_offset at the last saved checkpoint
+        self._saved: dict[TopicPartition, int] = {}
+        self._flush_cost_s = 0.0  # next_offset at the last saved checkpoint
 
     def _key(self, tp: TopicPartition) -> str:
         return checkpoint_key(self.group, tp.topic, tp.partition)
@@ -122,7 +124,13 @@ class RollupWorker:
     def due(self, now: float | None = None) -> tuple[bool, bool]:
         """(flush due, checkpoint due) by the configured intervals."""
         now = time.monotonic() if now is None else now
-        return (now - self._last_flush >= self.flush_interval_s,
+        # A flush costs in proportion to the windows changed since the last one, not to the
+        # events, so under a backlog flushing at the freshness interval could spend most of
+        # the time rewriting the same windows. Spacing flushes at least FLUSH_COST_FACTOR
+        # times their own duration caps that share near 1/FLUSH_COST_FACTOR; at moderate
+        # load flushes are quick and the interval stays ``flush_interval_s``.
+        interval = max(self.flush_interval_s, FLUSH_COST_FACTOR * self._flush_cost_s)
+        return (now - self._last_flush >= interval,
                 now - self._last_checkpoint >= self.checkpoint_interval_s)
 
     def maybe_flush(self) -> dict[TopicPartition, int]:
@@ -135,6 +143,7 @@ class RollupWorker:
               only: Iterable[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         """Write pending outputs; with ``checkpoint``, save checkpoints and return the
         offsets that are now safe to commit."""
+        started = time.monotonic()
         tps = sorted(self.processors if only is None else only)
         combined = Flush()
         parts = {tp: self.processors[tp].take_flush() for tp in tps}
@@ -151,6 +160,7 @@ class RollupWorker:
                 raise
         self.flushes += 1
         self._last_flush = time.monotonic()
+        self._flush_cost_s = self._last_flush - started
         if not checkpoint:
             return {}
         # An idle partition's state has not changed since its last checkpoint: skip it.
