@@ -43,7 +43,7 @@ from meterline.core.lateness import (
 from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import WHOLE_RECORD, DeadLetterRecord, Flush, LateRecord, RollupRecord
 from meterline.core.quantity import format_nanos
-from meterline.core.rollup import BatchOutcome, Dedupers, RollupState, WindowKey
+from meterline.core.rollup import BatchOutcome, Dedupers, Key, RollupState
 from meterline.core.windows import DAY_MS, HOUR_MS
 from meterline.ingest.sources import SourceRecord
 
@@ -106,7 +106,7 @@ class PartitionProcessor:
         self.dedupers = Dedupers(InMemoryDeduper(settings.dedupe_horizon_ms),
                                  InMemoryDeduper(settings.dedupe_horizon_ms))
         self.counters = Counters()
-        self._dirty: set[WindowKey] = set()
+        self._dirty: set[Key] = set()
         self._pending = Flush()
         self._clock_ms = -(2**63)  # largest record timestamp seen: processing time
 
@@ -192,10 +192,11 @@ class PartitionProcessor:
         flush, self._pending = self._pending, Flush()
         source, partition = self.source, self.partition
         flush.rollups += [
-            RollupRecord(key.window, key.customer, key.meter, key.group, key.window_start_ms,
-                         key.window_start_ms + (HOUR_MS if key.window == "hourly" else DAY_MS),
+            RollupRecord(window, customer, meter, group, start,
+                         start + (HOUR_MS if window == "hourly" else DAY_MS),
                          aggregation, value, events, events, source, partition)
-            for key, aggregation, value, events in self.state.totals(self._dirty)
+            for (window, customer, meter, group, start), aggregation, value, events
+            in self.state.totals(self._dirty)
         ]
         self._dirty = set()
         self.state.evict_closed(self.watermark)
@@ -246,6 +247,6 @@ class PartitionProcessor:
         proc.dedupers.batches.restore(*doc["batches"])  # type: ignore[attr-defined]
         proc.dedupers.events.restore(*doc["events"])  # type: ignore[attr-defined]
         for window, customer, meter, group, start, aggregation, plain, events in doc["cells"]:
-            key = WindowKey(window, customer, meter, tuple((k, v) for k, v in group), start)
+            key = (window, customer, meter, tuple((k, v) for k, v in group), start)
             proc.state.restore(key, aggregation, plain, events)
         return proc

@@ -50,6 +50,7 @@ __all__ = [
     "BatchOutcome",
     "DeadLetter",
     "Dedupers",
+    "Key",
     "LateEvent",
     "RollupRow",
     "RollupState",
@@ -80,6 +81,12 @@ class WindowKey(NamedTuple):
     meter: str
     group: Group  # a group_by dimension the event lacks has value ""
     window_start_ms: int
+
+
+# How windows are keyed inside: a plain tuple equal (and hash-equal) to its WindowKey.
+# Building a NamedTuple costs ~10x a tuple literal, once per event and window; the named
+# form is made only where keys leave this module in bulk (window_keys, snapshot).
+Key = tuple[str, str, str, Group, int]
 
 
 class DeadLetter(NamedTuple):
@@ -118,7 +125,7 @@ class BatchOutcome:
     rejected: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     late_events: list[LateEvent] = field(default_factory=list)
-    dirty: set[WindowKey] = field(default_factory=set)
+    dirty: set[Key] = field(default_factory=set)  # WindowKey-equal tuples
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,17 +193,17 @@ class RollupState:
         if type(allowed_lateness_ms) is not int or allowed_lateness_ms < 0:
             raise ValueError(f"allowed_lateness_ms must be an int >= 0: {allowed_lateness_ms!r}")
         self.allowed_lateness_ms = allowed_lateness_ms
-        self._cells: dict[WindowKey, _Cell] = {}
+        self._cells: dict[Key, _Cell] = {}
 
     def __len__(self) -> int:
         return len(self._cells)
 
     def window_keys(self) -> list[WindowKey]:
-        return list(self._cells)
+        return [WindowKey._make(k) for k in self._cells]
 
     def apply_batch(self, batch: Batch, registry: MeterRegistry, dedupers: Dedupers,
                     watermark: PartitionWatermark, now_ms: int,
-                    dirty: set[WindowKey] | None = None) -> BatchOutcome:
+                    dirty: set[Key] | None = None) -> BatchOutcome:
         """``dirty``: a set to collect changed windows in (the caller's running set, which
         saves merging a per-batch set into it); ``out.dirty`` is that set."""
         out = BatchOutcome(batch.batch_id) if dirty is None else BatchOutcome(batch.batch_id,
@@ -251,9 +258,9 @@ class RollupState:
             pair = touched.get((customer, meter_name, group, hour_start))
             if pair is None:  # first event of this window in the batch: one hash per event
                 pair = touched[(customer, meter_name, group, hour_start)] = (
-                    self._cell(WindowKey("hourly", customer, meter_name, group, hour_start),
+                    self._cell(("hourly", customer, meter_name, group, hour_start),
                                plan.aggregator, dirty),
-                    self._cell(WindowKey("daily", customer, meter_name, group, ts - ts % DAY_MS),
+                    self._cell(("daily", customer, meter_name, group, ts - ts % DAY_MS),
                                plan.aggregator, dirty),
                 )
             for cell in pair:
@@ -265,19 +272,20 @@ class RollupState:
             watermark.observe(max_ts)
         return out
 
-    def _cell(self, key: WindowKey, aggregator: Aggregator[Any], dirty: set[WindowKey]) -> _Cell:
+    def _cell(self, key: Key, aggregator: Aggregator[Any], dirty: set[Key]) -> _Cell:
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = _Cell(aggregator, aggregator.initialize(), 0)
         dirty.add(key)
         return cell
 
-    def snapshot(self, keys: Iterable[WindowKey]) -> list[RollupRow]:
+    def snapshot(self, keys: Iterable[Key]) -> list[RollupRow]:
         """Current totals of ``keys``, sorted by key. Raises KeyError for a key that is not
         held (e.g. evicted before its last change was written): losing it must be loud."""
         rows = []
-        for key in sorted(keys):
-            cell = self._cells[key]
+        for plain_key in sorted(keys):
+            cell = self._cells[plain_key]
+            key = WindowKey._make(plain_key)
             rows.append(RollupRow(
                 window=key.window, customer=key.customer, meter=key.meter, group=key.group,
                 window_start_ms=key.window_start_ms,
@@ -287,7 +295,7 @@ class RollupState:
             ))
         return rows
 
-    def totals(self, keys: Iterable[WindowKey]) -> Iterator[tuple[WindowKey, str, int, int]]:
+    def totals(self, keys: Iterable[Key]) -> Iterator[tuple[Key, str, int, int]]:
         """``(key, aggregation, total nanos, events)`` of ``keys`` in no particular order:
         ``snapshot`` without the sort and the row objects, for the flush hot path."""
         cells = self._cells
@@ -314,12 +322,12 @@ class RollupState:
         still open would restart its version at 1 and the stale row would win in storage.
         """
         limit = watermark.watermark_ms - self.allowed_lateness_ms  # the too-late rule
-        closed = [key for key in self._cells if key.window_start_ms + _SIZES[key.window] <= limit]
+        closed = [key for key in self._cells if key[4] + _SIZES[key[0]] <= limit]
         for key in closed:
             del self._cells[key]
-        return closed
+        return [WindowKey._make(k) for k in closed]
 
-    def export(self, key: WindowKey) -> tuple[str, Any, int]:
+    def export(self, key: Key) -> tuple[str, Any, int]:
         """``(aggregation, plain state, events)`` of a window, for a changelog."""
         cell = self._cells[key]
         return cell.aggregator.name, cell.aggregator.to_plain(cell.state), cell.events
@@ -327,9 +335,9 @@ class RollupState:
     def export_all(self) -> list[list[Any]]:
         """Every window as ``[window, customer, meter, group, start, aggregation, plain,
         events]`` (JSON-ready), for a checkpoint."""
-        return [[k.window, k.customer, k.meter, k.group, k.window_start_ms, c.aggregator.name,
-                 c.aggregator.to_plain(c.state), c.events] for k, c in self._cells.items()]
+        return [[*k, c.aggregator.name, c.aggregator.to_plain(c.state), c.events]
+                for k, c in self._cells.items()]
 
-    def restore(self, key: WindowKey, aggregation: str, plain: Any, events: int) -> None:
+    def restore(self, key: Key, aggregation: str, plain: Any, events: int) -> None:
         agg = aggregator_for(aggregation)
         self._cells[key] = _Cell(agg, agg.from_plain(plain), events)
