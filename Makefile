@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency list changes (idempotent, uses pip's cache).
 STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka lint bench bench-e2e clean
+.PHONY: demo test install kafka lint bench bench-e2e bench-rollups clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP) kafka
 
 bench-e2e: $(STAMP) kafka
 	$(BIN)/python benchmarks/e2e_sdk_kafka.py
+
+bench-rollups: $(STAMP) kafka
+	$(BIN)/python benchmarks/e2e_rollups.py
 
 clean:
 	rm -rf $(VENV) .cache var .meterline-spool
