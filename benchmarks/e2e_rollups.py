@@ -64,7 +64,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -86,22 +85,12 @@ FRESH_WARMUP_S = 3.0
 
 log = logging.getLogger("e2e_rollups")
 
+# Shared with the baseline harness (benchmarks/ is on sys.path above).
+from faust_naive import _quiet_logger as _quiet  # noqa: E402
+from faust_naive import _tail  # noqa: E402
+
 
 # --------------------------------------------------------------------------- helpers
-def _quiet(name: str) -> logging.Logger:
-    logger = logging.getLogger(name)
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    return logger
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    if not path.exists():
-        return "(no log)"
-    with path.open(errors="replace") as fh:
-        return "".join(deque(fh, maxlen=lines))
-
-
 def _records(events: int, *, truth: Any = None) -> list[Any]:
     """usage_log records: batches of 4 x ~500 events (one envelope per partition), event
     times spread over ~3 h ending an hour before now (recent for the TTLs, never in the
