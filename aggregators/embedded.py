@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from meterline.aggregators.checkpoints import CheckpointStore, SqliteCheckpointStore
+from meterline.aggregators.log_probe import LocalLogProbe
 from meterline.aggregators.outputs_io import StorageWriter
 from meterline.aggregators.processor import Counters, RollupSettings
 from meterline.aggregators.runner import OutputWriter, RollupWorker, TopicPartition
@@ -99,7 +100,8 @@ class EmbeddedRollups:
         self.source = LocalLogRecordSource(log, consumer=group, topic=topic)
         self.worker = RollupWorker(registry, writer, store, group=group, settings=settings,
                                    flush_interval_s=flush_interval_s,
-                                   checkpoint_interval_s=checkpoint_interval_s)
+                                   checkpoint_interval_s=checkpoint_interval_s,
+                                   probe=LocalLogProbe(log))
         self.start_offsets: dict[int, int] | None = None
         self._checkpointed: dict[int, int] = {}  # partition -> next_offset last saved
         self._failed: BaseException | None = None  # a flush that may not have been written
@@ -140,7 +142,14 @@ class EmbeddedRollups:
         if not records:  # nothing new since the last step: run() checkpoints when idle
             return Step(0, 0, False)
         before = _events(self.worker.totals())
-        self.worker.process_many(records)
+        for record in records:
+            gap = self.worker.process(record)
+            if gap is not None:  # the source is positioned by us, so this is a bug or a
+                target = self.worker.resolve_gap(gap)  # damaged log: settle it, loudly
+                if target is None:
+                    self.worker.process(record)
+                else:
+                    self.source.seek(gap.tp.partition, target)
         events = _events(self.worker.totals()) - before
         committed = self._commit(self._guarded(self.worker.maybe_flush))
         return Step(len(records), events, committed)

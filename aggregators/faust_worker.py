@@ -3,21 +3,31 @@
 Faust does what it is good at - group membership, partition assignment, fetching,
 signals, a worker process with clean shutdown - and nothing else. Everything that decides
 a number lives in :class:`~meterline.aggregators.runner.RollupWorker`; this module is the
-adapter, and it leans on Faust in three pinned ways (``tests/aggregators/test_faust_probe.py``):
+adapter, and it uses only Faust's public hooks (pinned by
+``tests/aggregators/test_faust_probe.py``):
 
 - **Records, not events.** A Kafka record is a whole envelope (hundreds of events), so
   Faust's per-message cost (tens of µs) is paid once per batch.
-- **Manual acks.** The agent iterates ``stream.noack()`` and acks a record only once a
-  saved checkpoint covers it, so Faust's committed offset never runs ahead of a
-  checkpoint. Faust's own ``exactly_once`` (Kafka transactions through aiokafka, with
-  open duplicate reports) is not used: correctness comes from deterministic replay and
-  idempotent outputs, which no commit protocol can break.
-- **Seek on assignment.** After a rebalance the partition resumes at its checkpoint's
-  ``next_offset``, wherever the committed offset is. Faust seeks to committed offsets in
-  ``perform_seek`` *after* its assignment signals, so we wrap ``perform_seek``.
+- **Our checkpoints own the positions, not Faust's offsets.** Faust seeks an assigned
+  partition to the group's committed offset, keeps its own "read offset" and drops
+  records below it, may still deliver records fetched before a rebalance, and counts
+  offsets it never delivered as done (its gap tracking). None of that can decide a total
+  here: a processor folds only the record at its checkpointed ``next_offset``, skips what
+  its checkpoint already holds, and reports anything past it as a gap, which the runner
+  settles against the log (:class:`~meterline.aggregators.log_probe.KafkaLogProbe`) and
+  this adapter repairs with ``Consumer.seek``. An earlier version instead rebased Faust's
+  private committed-offset map after seeking in a wrapped ``perform_seek``; records
+  delivered around a rebalance then slipped past the checkpoint and were lost.
+- **Acks follow checkpoints.** The agent iterates ``stream.noack()`` and acks a record
+  only once a saved checkpoint covers it, then asks Faust to commit, so the group's
+  committed offset (what operators alert on as lag) trails the checkpoint by at most one
+  checkpoint interval and reaches the log end when the work is done. Faust's own
+  ``exactly_once`` (Kafka transactions through aiokafka, with open duplicate reports) is
+  not used: correctness comes from deterministic replay and idempotent outputs.
 
-Blocking work (writing a flush to Kafka, saving checkpoints, loading them) runs in a
-thread so the event loop keeps heartbeating; one lock keeps it from overlapping the agent.
+Blocking work (writing a flush to Kafka, saving and loading checkpoints, asking the log)
+runs in a thread so the event loop keeps heartbeating; one lock keeps it from overlapping
+the agent.
 """
 
 from __future__ import annotations
@@ -31,15 +41,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterline.aggregators.checkpoints import KafkaCheckpointStore
+from meterline.aggregators.log_probe import KafkaLogProbe
 from meterline.aggregators.outputs_io import KafkaOutputWriter, output_topics
 from meterline.aggregators.processor import RollupSettings
-from meterline.aggregators.runner import RollupWorker, TopicPartition
+from meterline.aggregators.runner import LogGapError, RollupWorker, TopicPartition
 from meterline.core.meters import MeterRegistry
 from meterline.ingest.sources import SourceRecord
 
 __all__ = ["WorkerSettings", "build_app", "ensure_topics", "run_worker"]
 
 log = logging.getLogger(__name__)
+
+# How long a gap repair waits before seeking: Faust's delivery of the record that showed
+# the gap must have finished (microseconds), or it overwrites the seek's read offset.
+SEEK_SETTLE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ def ensure_topics(settings: WorkerSettings, timeout_s: float = 30.0) -> None:
 
 def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
     import faust
+    from faust.types import TP as FaustTP
 
     app: Any = faust.App(
         settings.group,  # the app id is the consumer group
@@ -105,22 +121,41 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         group=settings.group, settings=settings.rollup,
         flush_interval_s=settings.flush_interval_s,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        probe=KafkaLogProbe(settings.bootstrap_servers),
     )
     app.meterline_worker = worker
     lock = asyncio.Lock()
     unacked: dict[TopicPartition, deque[Any]] = {}
+    seeks: dict[TopicPartition, asyncio.Future[None]] = {}
     streams: list[Any] = []
     topic = app.topic(settings.topic, key_serializer="raw", value_serializer="raw")
+
+    def fatal(code: int, message: str, *args: Any) -> None:
+        # The partition's state may hold part of a record, or events that must be counted
+        # are missing: never flush or checkpoint it. Exit now; a restart replays from the
+        # last checkpoint (or stops here again, loudly, until an operator acts).
+        log.critical(message, *args, exc_info=True)
+        logging.shutdown()
+        os._exit(code)
 
     async def ack_through(offsets: Mapping[TopicPartition, int]) -> None:
         if not streams:
             return
+        acked = False
         for tp, next_offset in offsets.items():
             queue = unacked.get(tp)
             while queue and queue[0].message.offset < next_offset:
                 await streams[0].ack(queue.popleft())
+                acked = True
+        if acked:
+            try:
+                await app.consumer.commit()
+            except Exception:  # e.g. a rebalance in progress: the next checkpoint retries
+                log.warning("offset commit failed; retrying after the next checkpoint",
+                            exc_info=True)
 
-    async def flush(*, checkpoint: bool, only: list[TopicPartition] | None = None) -> None:
+    async def flush(*, checkpoint: bool, only: list[TopicPartition] | None = None,
+                    ack: bool = True) -> None:
         loop = asyncio.get_running_loop()
         try:
             offsets = await loop.run_in_executor(
@@ -131,19 +166,50 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             # the next flush retries.
             log.exception("flush failed; retrying at the next interval")
             return
-        await ack_through(offsets)
+        if ack:
+            await ack_through(offsets)
 
-    def process(record: SourceRecord) -> None:
+    def request_seek(tp: TopicPartition) -> None:
+        # One pending seek per partition: a burst of records fetched before a seek is a
+        # burst of gaps against the same position.
+        task = seeks.get(tp)
+        if task is None or task.done():
+            seeks[tp] = asyncio.ensure_future(seek_later(tp))
+
+    async def seek_later(tp: TopicPartition) -> None:
+        # Faust raises its read offset to a record's offset just *after* handing it to
+        # the agent, and drops later-fetched records below it: a seek made while that
+        # delivery is in progress is undone (a livelock, pinned by test_faust_probe).
+        # Let the delivery finish, then seek to wherever the partition is by then.
+        await asyncio.sleep(SEEK_SETTLE_S)
+        async with lock:
+            proc = worker.processors.get(tp)
+            if proc is None:
+                return  # not ours any more: its new owner reads from the checkpoint
+            try:
+                await app.consumer.seek(FaustTP(tp.topic, tp.partition), proc.next_offset)
+            except Exception:  # revoked meanwhile, say; a gap after this asks again
+                log.warning("seek of %s[%d] to %d failed", tp.topic, tp.partition,
+                            proc.next_offset, exc_info=True)
+
+    async def handle(event: Any, record: SourceRecord) -> None:
         try:
-            worker.process(record)
+            gap = worker.process(record)
+            while gap is not None:
+                loop = asyncio.get_running_loop()
+                target = await loop.run_in_executor(None, worker.resolve_gap, gap)
+                if target is not None:
+                    request_seek(gap.tp)
+                    return  # not folded, not acked: it comes again after the seek
+                gap = worker.process(record)
+        except LogGapError as exc:
+            fatal(78, "%s", exc)
         except Exception:
-            # A bug, not bad input (bad input becomes dead letters). The partition's state
-            # may hold part of this record, so it must never be flushed or checkpointed:
-            # exit now and let the restart replay from the last checkpoint.
-            log.critical("unexpected error processing %s[%d]@%d; exiting without flushing",
-                         record.topic, record.partition, record.offset, exc_info=True)
-            logging.shutdown()
-            os._exit(70)
+            fatal(70, "unexpected error processing %s[%d]@%d; exiting without flushing",
+                  record.topic, record.partition, record.offset)
+        if worker.owns(record):
+            unacked.setdefault(TopicPartition(record.topic, record.partition),
+                               deque()).append(event)
 
     @app.agent(topic)
     async def rollups(stream: Any) -> None:
@@ -154,10 +220,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             record = SourceRecord(m.topic, m.partition, m.offset, event.value or b"",
                                   round(ts * 1000) if ts else -1)
             async with lock:
-                process(record)
-                tp = TopicPartition(m.topic, m.partition)
-                if tp in worker.processors:
-                    unacked.setdefault(tp, deque()).append(event)
+                await handle(event, record)
                 flush_due, checkpoint_due = worker.due()
                 if flush_due or checkpoint_due:
                     await flush(checkpoint=checkpoint_due)
@@ -177,31 +240,30 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         async with lock:
             mine = [tp for tp in gone if tp in worker.processors]
             if mine:
-                await flush(checkpoint=True, only=mine)
+                # Checkpoint what we give away so its next owner resumes here. No acks:
+                # Faust has already forgotten the revoked partitions' acks at this point;
+                # the next owner acks these records when it skips them.
+                await flush(checkpoint=True, only=mine, ack=False)
                 worker.drop(mine)
             for tp in gone:
                 unacked.pop(tp, None)
 
-    original_seek = app.consumer.perform_seek
-
-    async def perform_seek() -> None:
-        await original_seek()
-        consumer = app.consumer
-        assigned = {tp for tp in consumer.assignment() if tp.topic == settings.topic}
-        wanted = {TopicPartition(tp.topic, tp.partition): tp for tp in assigned}
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
+        # Faust sends this while the partitions are still paused, before it seeks them to
+        # the committed offsets and resumes fetching: every record that reaches the agent
+        # afterwards finds its processor. Where Faust starts reading does not matter
+        # (see the module docstring), so there is nothing to seek here.
+        wanted = {TopicPartition(tp.topic, tp.partition) for tp in assigned
+                  if tp.topic == settings.topic}
         async with lock:
             stale = [tp for tp in worker.processors if tp not in wanted]
-            worker.drop(stale)
-            for tp in stale:
-                unacked.pop(tp, None)
+            if stale:
+                worker.drop(stale)
+                for tp in stale:
+                    unacked.pop(tp, None)
             loop = asyncio.get_running_loop()
-            positions = await loop.run_in_executor(None, worker.assign, list(wanted))
-        targets = {wanted[tp]: off for tp, off in positions.items() if off is not None}
-        if targets:
-            await consumer.seek_wait(targets)
-            # Faust commits only acked offsets that continue its idea of the committed
-            # offset; rebase it so commits resume from the checkpoint.
-            consumer._committed_offset.update(targets)
+            await loop.run_in_executor(None, worker.assign, sorted(wanted))
 
     @app.on_before_shutdown.connect
     async def final_flush(app: Any, **kwargs: Any) -> None:
@@ -209,7 +271,6 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             if worker.processors:
                 await flush(checkpoint=True)
 
-    app.consumer.perform_seek = perform_seek
     return app
 
 

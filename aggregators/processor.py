@@ -16,16 +16,24 @@ move bytes around it. It rests on three facts:
    disagree. It is taken only after the flush it covers was written durably.
 
 Recovery = restore the latest checkpoint, re-read the partition from its ``next_offset``
-and write whatever comes out again. Records below ``next_offset`` are skipped, so it does
-not matter where the consumer's committed offset is, as long as it is not *past* the
-checkpoint: runners commit a source offset only after the checkpoint that covers it is
-saved. A stale checkpoint (e.g. written late by a worker that lost the partition) only
-means a longer replay, never a different result.
+and write whatever comes out again. The processor folds a record **only at exactly
+``next_offset``**: below it the record is already in the state (skipped), above it is a
+*gap* - records in between were never seen, and folding this one would skip them for good.
+``process`` refuses such a record and the runner resolves the gap against the log itself
+(``runner.py``: seek back, or accept offsets the log confirms hold no records). So where
+the consumer happens to be - its committed offset, a fetch left over from before a
+rebalance, a consumer that skipped ahead - can cost a re-read but never an event.
+
+Settings (allowed lateness, watermark delay, dedupe horizon) are the *current* config, even
+for a restored checkpoint, with one guard: windows already closed stay closed
+(``RollupState.closed_before_ms`` is checkpointed), so raising the lateness cannot reopen
+an evicted window at version 1.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +46,7 @@ from meterline.core.errors import EnvelopeError
 from meterline.core.lateness import (
     DEFAULT_ALLOWED_LATENESS_MS,
     DEFAULT_WATERMARK_DELAY_MS,
+    NO_WATERMARK_MS,
     PartitionWatermark,
 )
 from meterline.core.meters import MeterRegistry
@@ -49,7 +58,9 @@ from meterline.ingest.sources import SourceRecord
 
 __all__ = ["CHECKPOINT_FORMAT", "Counters", "PartitionProcessor", "RollupSettings"]
 
-CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2  # 2: + closed_before_ms; format 1 is still read
 MAX_DEAD_PAYLOAD = 1 << 20  # the record itself stays in the topic at (partition, offset)
 
 
@@ -75,6 +86,8 @@ class Counters:
 
     records: int = 0
     skipped_records: int = 0  # below next_offset: already in the restored state
+    gap_records: int = 0  # past next_offset: refused, the runner resolves the gap
+    absent_offsets: int = 0  # offsets the log confirmed hold no record (e.g. txn markers)
     accepted: int = 0
     duplicate: int = 0
     late: int = 0
@@ -83,8 +96,8 @@ class Counters:
     by_reason: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Counters) -> None:
-        for name in ("records", "skipped_records", "accepted", "duplicate", "late",
-                     "late_allowed", "rejected"):
+        for name in ("records", "skipped_records", "gap_records", "absent_offsets",
+                     "accepted", "duplicate", "late", "late_allowed", "rejected"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.by_reason.items():
             self.by_reason[reason] = self.by_reason.get(reason, 0) + n
@@ -106,18 +119,28 @@ class PartitionProcessor:
         self.dedupers = Dedupers(InMemoryDeduper(settings.dedupe_horizon_ms),
                                  InMemoryDeduper(settings.dedupe_horizon_ms))
         self.counters = Counters()
+        self.restored = False  # True when built from a checkpoint
         self._dirty: set[Key] = set()
         self._pending = Flush()
         self._clock_ms = -(2**63)  # largest record timestamp seen: processing time
 
     # ------------------------------------------------------------------ processing
 
-    def process(self, record: SourceRecord) -> None:
-        """Fold one record (an envelope) in. Never raises on bad input: a record that
-        cannot be decoded becomes a dead letter, bad events become dead letters."""
-        if record.offset < self.next_offset:
-            self.counters.skipped_records += 1
-            return
+    @property
+    def fresh(self) -> bool:
+        """Nothing restored and nothing read yet."""
+        return not self.restored and self.next_offset == 0
+
+    def process(self, record: SourceRecord) -> bool:
+        """Fold one record (an envelope) in; ``False`` when it lies past a gap and was *not*
+        folded (see the module docstring). Never raises on bad input: a record that cannot
+        be decoded becomes a dead letter, bad events become dead letters."""
+        if record.offset != self.next_offset:
+            if record.offset < self.next_offset:
+                self.counters.skipped_records += 1
+                return True
+            self.counters.gap_records += 1
+            return False
         self.counters.records += 1
         # The log timestamp is the clock (see meterline.core.dedupe); monotone here so a
         # producer-set CreateTime going backwards cannot rewind dedupe expiry.
@@ -137,6 +160,16 @@ class PartitionProcessor:
                                              self.watermark, now_ms, self._dirty)
             self._collect(record, batch, outcome, now_ms)
         self.next_offset = record.offset + 1
+        return True
+
+    def skip_to(self, offset: int) -> None:
+        """The log holds no records in ``[next_offset, offset)`` (transaction markers,
+        compaction, or a fresh start at a log that begins later): move past them. Only the
+        runner calls this, after asking the log."""
+        if offset < self.next_offset:
+            raise ValueError(f"skip_to({offset}) behind next_offset {self.next_offset}")
+        self.counters.absent_offsets += offset - self.next_offset
+        self.next_offset = offset
 
     def _collect(self, record: SourceRecord, batch: Batch, out: BatchOutcome,
                  now_ms: int) -> None:
@@ -221,6 +254,7 @@ class PartitionProcessor:
             "format": CHECKPOINT_FORMAT, "source": self.source, "partition": self.partition,
             "next_offset": self.next_offset, "clock_ms": self._clock_ms,
             "max_event_ms": self.watermark.max_event_ms,
+            "closed_before_ms": self.state.closed_before_ms,
             "settings": [self.settings.allowed_lateness_ms, self.settings.watermark_delay_ms,
                          self.settings.dedupe_horizon_ms],
             "batches": self.dedupers.batches.export(),  # type: ignore[attr-defined]
@@ -237,13 +271,25 @@ class PartitionProcessor:
     def from_checkpoint(cls, blob: bytes, registry: MeterRegistry,
                         settings: RollupSettings | None = None) -> PartitionProcessor:
         doc = json.loads(zlib.decompress(blob))
-        if doc.get("format") != CHECKPOINT_FORMAT:
+        if doc.get("format") not in (1, CHECKPOINT_FORMAT):
             raise ValueError(f"unknown checkpoint format {doc.get('format')!r}")
-        settings = settings or RollupSettings(*doc["settings"])
+        saved = RollupSettings(*doc["settings"])
+        settings = settings or saved
         proc = cls(doc["source"], doc["partition"], registry, settings,
                    next_offset=doc["next_offset"])
+        proc.restored = True
         proc._clock_ms = doc["clock_ms"]
         proc.watermark.max_event_ms = doc["max_event_ms"]
+        if "closed_before_ms" in doc:
+            proc.state.closed_before_ms = doc["closed_before_ms"]
+        else:  # format 1: what the settings it was written with had closed
+            old = PartitionWatermark(saved.watermark_delay_ms, doc["max_event_ms"])
+            proc.state.closed_before_ms = max(NO_WATERMARK_MS,
+                                              old.watermark_ms - saved.allowed_lateness_ms)
+        if saved != settings:
+            log.warning("%s[%d]: rollup settings changed since the checkpoint (%s -> %s); "
+                        "windows closed before %d stay closed", proc.source, proc.partition,
+                        saved, settings, proc.state.closed_before_ms)
         proc.dedupers.batches.restore(*doc["batches"])  # type: ignore[attr-defined]
         proc.dedupers.events.restore(*doc["events"])  # type: ignore[attr-defined]
         for window, customer, meter, group, start, aggregation, plain, events in doc["cells"]:

@@ -11,6 +11,18 @@ offsets are safe to commit. The order inside :meth:`RollupWorker.flush` is the p
 
 A crash between any two steps re-reads records whose outputs may already be written;
 they come out identical and collapse (see ``processor.py``).
+
+Where reading resumes is decided by the checkpoint, never by the consumer: a processor
+folds only the record at its ``next_offset``. A record past it is a *gap*, which
+:meth:`RollupWorker.resolve_gap` settles by asking the log (a :class:`LogProbe`):
+
+- the log holds records in between -> the caller seeks back to ``next_offset`` (a fetch
+  from before a rebalance, or a consumer positioned past the checkpoint);
+- the log holds none (transaction markers, compaction) -> skip them and fold the record;
+- the log no longer holds them (retention deleted records never counted), or a partition
+  has a committed offset but no checkpoint and the log cannot rebuild it from offset 0 ->
+  :class:`LogGapError`: the runner stops and says what to do. Totals that would be short
+  are never written.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import Flush
 from meterline.ingest.sources import SourceRecord
 
-__all__ = ["OutputWriter", "RollupWorker", "TopicPartition"]
+__all__ = ["Gap", "LogGapError", "LogProbe", "OutputWriter", "RollupWorker", "TopicPartition"]
 
 log = logging.getLogger(__name__)
 FLUSH_COST_FACTOR = 4
@@ -45,11 +57,43 @@ class TopicPartition:
     partition: int
 
 
+class LogProbe(Protocol):
+    """What the gap check needs to know about the source log (blocking calls)."""
+
+    def log_start(self, tp: TopicPartition) -> int:
+        """The oldest offset the log still holds (retention moves it forward)."""
+        ...
+
+    def first_offset(self, tp: TopicPartition, from_offset: int) -> int | None:
+        """Offset of the first record at or after ``from_offset`` (``None``: none yet)."""
+        ...
+
+    def committed(self, group: str, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp`` (``None``: never committed)."""
+        ...
+
+
+class LogGapError(RuntimeError):
+    """Records that must be counted are not in the log (or the state that counted them is
+    gone): continuing would write short totals, so the runner stops."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A record at ``offset`` arrived while its partition expects ``expected``."""
+
+    tp: TopicPartition
+    expected: int
+    offset: int
+
+
 class RollupWorker:
     def __init__(self, registry: MeterRegistry, writer: OutputWriter, store: CheckpointStore,
                  *, group: str, settings: RollupSettings | None = None,
-                 flush_interval_s: float = 0.5, checkpoint_interval_s: float = 5.0) -> None:
+                 flush_interval_s: float = 0.5, checkpoint_interval_s: float = 5.0,
+                 probe: LogProbe | None = None) -> None:
         self.registry = registry
+        self.probe = probe
         self.writer = writer
         self.store = store
         self.group = group
@@ -62,6 +106,7 @@ class RollupWorker:
         self.flushes = 0
         self.checkpoints = 0
         self._saved: dict[TopicPartition, int] = {}
+        self._held: dict[TopicPartition, tuple[int, int]] = {}  # (from, first record) probed
         self._flush_cost_s = 0.0  # next_offset at the last saved checkpoint
 
     def _key(self, tp: TopicPartition) -> str:
@@ -105,19 +150,75 @@ class RollupWorker:
             if proc is not None:
                 self.counters.add(proc.counters)
             self._saved.pop(tp, None)
+            self._held.pop(tp, None)
 
     # ------------------------------------------------------------------ records
 
-    def process(self, record: SourceRecord) -> None:
+    def process(self, record: SourceRecord) -> Gap | None:
+        """Fold ``record`` into its partition. Returns a :class:`Gap` when the record lies
+        past its partition's ``next_offset`` (not folded; settle it with
+        :meth:`resolve_gap`). A record of a partition not owned is ignored: its owner reads
+        it from its own checkpoint."""
         tp = TopicPartition(record.topic, record.partition)
         proc = self.processors.get(tp)
-        if proc is None:  # a record from before a rebalance: not ours any more
-            return
-        proc.process(record)
+        if proc is None or proc.process(record):
+            return None
+        return Gap(tp, proc.next_offset, record.offset)
 
-    def process_many(self, records: Iterable[SourceRecord]) -> None:
-        for record in records:
-            self.process(record)
+    def owns(self, record: SourceRecord) -> bool:
+        return TopicPartition(record.topic, record.partition) in self.processors
+
+    def resolve_gap(self, gap: Gap) -> int | None:
+        """Settle a gap by asking the log (blocking). Returns the offset to seek the
+        partition back to, or ``None`` when the log holds no records in between - then the
+        processor has moved past them and the record must be processed again. Raises
+        :class:`LogGapError` when events that must be counted are not in the log."""
+        if self.probe is None:
+            raise LogGapError(f"{gap.tp.topic}[{gap.tp.partition}]: record at offset "
+                              f"{gap.offset} but the state expects {gap.expected}, and no "
+                              f"log probe is configured to settle it")
+        proc = self.processors.get(gap.tp)
+        if proc is None or proc.next_offset != gap.expected:
+            return None  # moved on meanwhile; the caller re-processes the record
+        tp, name = gap.tp, f"{gap.tp.topic}[{gap.tp.partition}]"
+        start = self.probe.log_start(tp)
+        if proc.next_offset < start:
+            committed = self.probe.committed(self.group, tp) if proc.fresh else None
+            if not proc.fresh or committed:
+                what = (f"the checkpoint resumes at offset {proc.next_offset}" if not proc.fresh
+                        else f"group {self.group!r} committed offset {committed} but there "
+                             f"is no checkpoint to resume from")
+                raise LogGapError(
+                    f"{name}: {what}, and the log now starts at {start}: records "
+                    f"[{proc.next_offset}, {start}) are gone (retention) and cannot be "
+                    f"counted. Totals would be short, so the worker stops. If the events are "
+                    f"lost for good, see docs/rollups.md 'Recovering from a log gap'.")
+            # A fresh group on a log whose start was deleted before Meterline ever read it.
+            log.info("%s: first rollup read; the log starts at %d", name, start)
+            proc.skip_to(start)
+            return None if gap.offset == start else start
+        hint = self._held.get(tp)
+        if hint is not None and hint[0] == proc.next_offset and hint[1] < gap.offset:
+            # Known already: the log holds a record before this one. A burst of records
+            # fetched before a seek lands here; one probe answers for all of them.
+            return proc.next_offset
+        first = self.probe.first_offset(tp, proc.next_offset)
+        if first is not None:
+            self._held[tp] = (proc.next_offset, first)
+        if first is not None and first == gap.offset:
+            log.info("%s: offsets [%d, %d) hold no records; moving past them", name,
+                     proc.next_offset, gap.offset)
+            proc.skip_to(gap.offset)
+            return None
+        if proc.fresh:
+            committed = self.probe.committed(self.group, tp)
+            if committed:
+                log.warning("%s: group %r committed offset %s but there is no checkpoint; "
+                            "rebuilding the partition's windows from offset %d", name,
+                            self.group, committed, proc.next_offset)
+        log.info("%s: record at %d while expecting %d; seeking back", name, gap.offset,
+                 proc.next_offset)
+        return proc.next_offset
 
     # ------------------------------------------------------------------ flushing
 

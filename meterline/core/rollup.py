@@ -39,7 +39,11 @@ from meterline.core.aggregations import Aggregator, aggregator_for
 from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, BatchDeduper, Deduper, EventDeduper
 from meterline.core.envelope import Batch
 from meterline.core.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
-from meterline.core.lateness import DEFAULT_ALLOWED_LATENESS_MS, PartitionWatermark
+from meterline.core.lateness import (
+    DEFAULT_ALLOWED_LATENESS_MS,
+    NO_WATERMARK_MS,
+    PartitionWatermark,
+)
 from meterline.core.meters import Aggregation, Meter, MeterRegistry
 from meterline.core.quantity import MAX_NANOS
 from meterline.core.windows import DAILY, DAY_MS, HOUR_MS, HOURLY
@@ -193,6 +197,12 @@ class RollupState:
         if type(allowed_lateness_ms) is not int or allowed_lateness_ms < 0:
             raise ValueError(f"allowed_lateness_ms must be an int >= 0: {allowed_lateness_ms!r}")
         self.allowed_lateness_ms = allowed_lateness_ms
+        # Hour ends at or before this are closed for good, whatever the settings say later.
+        # Without it, raising the allowed lateness or the watermark delay after a restart
+        # would reopen windows that were already evicted: their next event would start a
+        # new cell at version 1 and the older, higher-version row would win in storage -
+        # the event lost without a trace. Persisted in checkpoints, only ever moves forward.
+        self.closed_before_ms = NO_WATERMARK_MS
         self._cells: dict[Key, _Cell] = {}
 
     def __len__(self) -> int:
@@ -211,7 +221,7 @@ class RollupState:
         if dedupers.batches.seen_or_add(batch.batch_id, now_ms):
             out.duplicate_batch, out.duplicate = True, len(batch)
             return out
-        closed_before = watermark.watermark_ms - self.allowed_lateness_ms  # hour end <= this
+        closed_before = self.closed_limit(watermark)  # hour end <= this: too late
         watermark_ms = watermark.watermark_ms
         newest_ok_ms = min(now_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
         explicit_ids = batch.ids
@@ -315,13 +325,19 @@ class RollupState:
                 state = agg.merge(state, hourly.state)
         return agg.result(state)
 
+    def closed_limit(self, watermark: PartitionWatermark) -> int:
+        """Windows ending at or before this accept no more events: the watermark rule,
+        never earlier than what was already closed (``closed_before_ms``)."""
+        limit = watermark.watermark_ms - self.allowed_lateness_ms
+        return limit if limit > self.closed_before_ms else self.closed_before_ms
+
     def evict_closed(self, watermark: PartitionWatermark) -> list[WindowKey]:
         """Drop windows that can no longer change; snapshot their last changes first.
 
         Takes the partition's watermark object, not a number: evicting a window that is
         still open would restart its version at 1 and the stale row would win in storage.
         """
-        limit = watermark.watermark_ms - self.allowed_lateness_ms  # the too-late rule
+        limit = self.closed_before_ms = self.closed_limit(watermark)  # the too-late rule
         closed = [key for key in self._cells if key[4] + _SIZES[key[0]] <= limit]
         for key in closed:
             del self._cells[key]

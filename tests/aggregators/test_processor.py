@@ -159,14 +159,14 @@ def test_checkpoint_round_trip_keeps_every_aggregation() -> None:
 
 def test_garbage_record_is_a_dead_letter_and_the_partition_moves_on() -> None:
     proc = PartitionProcessor("usage", 0, REGISTRY)
-    proc.process(SourceRecord("usage", 0, 5, b"\xff not an envelope", DAY0))
+    proc.process(SourceRecord("usage", 0, 0, b"\xff not an envelope", DAY0))
     ok = Batch("b2", DAY0, ["a", ""], ["tokens", "nope"], [SCALE, SCALE], [DAY0, DAY0])
-    proc.process(SourceRecord("usage", 0, 6, encode_batch(ok), DAY0))
+    proc.process(SourceRecord("usage", 0, 1, encode_batch(ok), DAY0))
     flush = proc.take_flush()
-    assert proc.next_offset == 7
+    assert proc.next_offset == 2
     reasons = {(d.offset, d.position): d.reason for d in flush.dead_letters}
-    assert reasons[(5, WHOLE_RECORD)].startswith("envelope.")
-    assert reasons[(6, 1)] in ("event.unknown_meter", "event.missing_customer")
+    assert reasons[(0, WHOLE_RECORD)].startswith("envelope.")
+    assert reasons[(1, 1)] in ("event.unknown_meter", "event.missing_customer")
     assert [r.value_nanos for r in flush.rollups] == [SCALE, SCALE]  # hourly + daily
     assert proc.counters.rejected == 2 and proc.counters.accepted == 1
 
