@@ -1,11 +1,16 @@
-"""kill -9 the embedded rollup runner three times at random points; the totals stay exact.
+"""kill -9 the embedded rollup runner three times while records are still arriving; the
+totals stay exact.
 
 The runner runs in a subprocess with its own chDB data directory (pytest never opens it:
-one chDB engine per process). The log holds ~300k events from 200 customers with resent
-batches (the same bytes appended twice), duplicate explicit event ids, invalid events,
-garbage records and too-late events. After the kills, a last run goes until idle and dumps
-every (customer, meter, hour) and (customer, meter, day) total plus the dead-letter and
-late counts, which must equal the ground truth computed here.
+one chDB engine per process). The workload holds ~300k events from 200 customers with
+resent batches (the same bytes appended twice), duplicate explicit event ids, invalid
+events, garbage records and too-late events; it is appended to the log in four parts, each
+*while* a runner reads it. Each runner is killed once it has committed about half of the
+part being appended - a point measured from what is left to do, so a fast machine cannot
+finish the log before the kill and a slow one is never failed for being slow: waits fail
+only when the committed offsets stop moving for ``STALL_S``. A last run goes until idle and
+dumps every (customer, meter, hour) and (customer, meter, day) total plus the dead-letter
+and late counts, which must equal the ground truth computed here.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -42,6 +48,8 @@ CUSTOMERS = [f"k-{i:03d}" for i in range(200)]
 EVENTS = 300_000
 GARBAGE = [b"\x00garbage", b"{}", b'{"v":1}', b"[1,2]", b"not json at all"]
 KILLS = 3
+STALL_S = 120.0  # no committed progress for this long while a runner lives: a failure
+PART_S = 5.0  # each part of the workload is appended over about this long
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Expected:
     dead_letters: dict[str, int] = field(default_factory=dict)
     late: int = 0
     records: int = 0
+    appends: list[tuple[int, bytes]] = field(default_factory=list)  # in append order
 
 
 def _event(rng: random.Random, customer: str, ts: int) -> tuple[str, Any, dict[str, str]]:
@@ -68,11 +77,12 @@ def _event(rng: random.Random, customer: str, ts: int) -> tuple[str, Any, dict[s
 
 
 def write_log(path: Path, seed: int = 11) -> Expected:
-    """Append the workload to a local log and compute what the rollups must say."""
+    """Plan the workload (``Expected.appends``, appended by the test) and compute what the
+    rollups must say. Creates the empty log."""
     rng = random.Random(seed)
     registry = MeterRegistry.load(DEFAULT_METERS)
     exp = Expected(GroundTruth(registry=registry))
-    log = LocalLog(path, partitions=PARTITIONS)
+    LocalLog(path, partitions=PARTITIONS).close()
     end_ms = time.time_ns() // 1_000_000 - HOUR_MS
     start_ms = end_ms - 30 * HOUR_MS
     weights = [1.0 / (i + 1) ** 0.7 for i in range(len(CUSTOMERS))]
@@ -90,7 +100,7 @@ def write_log(path: Path, seed: int = 11) -> Expected:
             customers=[r[0] for r in rows], meters=[r[1] for r in rows],
             quantities=[to_nanos(r[2]) for r in rows], timestamps_ms=[r[3] for r in rows],
             dimensions=[r[4] for r in rows], ids=[r[5] for r in rows]))
-        log.append(p, [payload])
+        exp.appends.append((p, payload))
         exp.records += 1
         return payload
 
@@ -102,7 +112,7 @@ def write_log(path: Path, seed: int = 11) -> Expected:
         sent[p].append(payload)
         sizes[p] = rng.randint(100, 800)
         if rng.random() < 0.04:  # an SDK resend: the very same bytes again, later
-            log.append(p, [rng.choice(sent[p][-20:])])
+            exp.appends.append((p, rng.choice(sent[p][-20:])))
             exp.records += 1
         # Now and then a batch of events from long ago (a spool drained after an outage):
         # their hourly windows closed hours ago, so they are too late for the rollups.
@@ -148,9 +158,8 @@ def write_log(path: Path, seed: int = 11) -> Expected:
         if buffers[p]:
             flush(p)
     for junk in GARBAGE:
-        log.append(rng.randrange(PARTITIONS), [junk])
+        exp.appends.insert(rng.randrange(len(exp.appends)), (rng.randrange(PARTITIONS), junk))
         exp.records += 1
-    log.close()
     return exp
 
 
@@ -166,7 +175,46 @@ def committed(log_path: Path, group: str = "rollups") -> int:
         db.close()
 
 
-def test_kill9_three_times_then_exact(tmp_path: Path) -> None:
+def wait_committed(log_path: Path, child: subprocess.Popen[bytes], goal: int,
+                   log_file: Path) -> int:
+    """Until the committed offsets reach ``goal`` (or the child exits); fails only when
+    they stop moving for ``STALL_S``."""
+    last, moved = -1, time.monotonic()
+    while True:
+        done = committed(log_path)
+        if done >= goal or child.poll() is not None:
+            return done
+        if done != last:
+            last, moved = done, time.monotonic()
+        assert time.monotonic() - moved < STALL_S, (
+            f"the runner committed nothing for {STALL_S:.0f}s (at {done}, waiting for {goal}):"
+            f"\n{log_file.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def append_slowly(log_path: Path, appends: list[tuple[int, bytes]],
+                  over_s: float = PART_S) -> threading.Thread:
+    """Append like traffic: a few records at a time, spread over ``over_s``, while a
+    runner reads (this paces the traffic; no assertion depends on it)."""
+    def run() -> None:
+        log = LocalLog(log_path)
+        started = time.monotonic()
+        try:
+            for i in range(0, len(appends), 4):
+                for p, payload in appends[i:i + 4]:
+                    log.append(p, [payload])
+                ahead = started + over_s * (i + 4) / len(appends) - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+        finally:
+            log.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_kill9_three_times_while_records_arrive_then_exact(tmp_path: Path) -> None:
     log_path = tmp_path / "log.db"
     exp = write_log(log_path)
     assert exp.late > 0 and sum(exp.dead_letters.values()) > 0
@@ -175,36 +223,41 @@ def test_kill9_three_times_then_exact(tmp_path: Path) -> None:
            "--flush-interval", "0.2", "--checkpoint-interval", "0.7"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(int(os.environ.get("KILL9_SEED", "5")))
-    deadline = time.monotonic() + 150
+    parts = [exp.appends[len(exp.appends) * k // (KILLS + 1):
+                         len(exp.appends) * (k + 1) // (KILLS + 1)] for k in range(KILLS + 1)]
     children: list[subprocess.Popen[bytes]] = []
+    appended = 0
     try:
         kill_points = []
-        for k in range(1, KILLS + 1):
-            target = exp.records * k // (KILLS + 2)  # 20 %, 40 %, 60 % of the records
+        for k in range(KILLS):
             before = committed(log_path)
-            logf = (tmp_path / f"run{k}.log").open("wb")
-            child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            log_file = tmp_path / f"run{k}.log"
+            child = subprocess.Popen(cmd, stdout=log_file.open("wb"), stderr=subprocess.STDOUT,
+                                     env=env)
             children.append(child)
-            while True:
-                assert child.poll() is None, (tmp_path / f"run{k}.log").read_text()
-                assert time.monotonic() < deadline, "the runner made no progress"
-                done = committed(log_path)
-                if done >= max(target, before + 1):
-                    break
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0, 0.6))  # anywhere: mid-batch, mid-write, mid-checkpoint
-            child.send_signal(signal.SIGKILL)
+            writer = append_slowly(log_path, parts[k])
+            appended += len(parts[k])
+            # Kill after the runner has committed something of this part, at a random
+            # point while it is still being appended: what is left to do sets the moment.
+            wait_committed(log_path, child, before + 1, log_file)
+            time.sleep(rng.uniform(0, PART_S / 3))
+            assert child.poll() is None, log_file.read_text()
+            child.send_signal(signal.SIGKILL)  # anywhere: mid-batch, -write, -checkpoint
             child.wait(10)
-            kill_points.append(committed(log_path))
-        assert kill_points[-1] < exp.records, f"the kills came too late: {kill_points}"
-        print(f"killed at committed records {kill_points} of {exp.records}; late {exp.late}, "
-              f"dead letters {exp.dead_letters}")
+            kill_points.append((committed(log_path), appended))
+            writer.join()
+        print(f"killed at (committed, appended) {kill_points} of {exp.records} records; "
+              f"late {exp.late}, dead letters {exp.dead_letters}")
+        assert all(done < total for done, total in kill_points), kill_points
 
         dump = tmp_path / "dump.json"
-        final = subprocess.run([*cmd, "--until-idle", "1", "--dump", str(dump)],
-                               capture_output=True, text=True, env=env,
-                               timeout=max(10.0, deadline - time.monotonic()))
-        assert final.returncode == 0, final.stdout + final.stderr
+        append_slowly(log_path, parts[-1]).join()
+        log_file = tmp_path / "final.log"
+        final = subprocess.Popen([*cmd, "--until-idle", "1", "--dump", str(dump)],
+                                 stdout=log_file.open("wb"), stderr=subprocess.STDOUT, env=env)
+        children.append(final)
+        wait_committed(log_path, final, exp.records + 1, log_file)  # until it exits
+        assert final.wait(STALL_S) == 0, log_file.read_text()
     finally:
         for child in children:
             if child.poll() is None:
