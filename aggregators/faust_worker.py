@@ -44,7 +44,12 @@ from meterline.aggregators.checkpoints import KafkaCheckpointStore
 from meterline.aggregators.log_probe import KafkaLogProbe
 from meterline.aggregators.outputs_io import KafkaOutputWriter, output_topics
 from meterline.aggregators.processor import RollupSettings
-from meterline.aggregators.runner import LogGapError, RollupWorker, TopicPartition
+from meterline.aggregators.runner import (
+    LogGapError,
+    PartitionCountChanged,
+    RollupWorker,
+    TopicPartition,
+)
 from meterline.core.meters import MeterRegistry
 from meterline.ingest.sources import SourceRecord
 
@@ -114,6 +119,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         stream_wait_empty=False,  # unacked records must not block a rebalance
         consumer_max_fetch_size=16 << 20,
     )
+    probe = KafkaLogProbe(settings.bootstrap_servers)
     worker = RollupWorker(
         registry,
         KafkaOutputWriter(settings.bootstrap_servers, settings.topic),
@@ -121,7 +127,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         group=settings.group, settings=settings.rollup,
         flush_interval_s=settings.flush_interval_s,
         checkpoint_interval_s=settings.checkpoint_interval_s,
-        probe=KafkaLogProbe(settings.bootstrap_servers),
+        probe=probe,
     )
     app.meterline_worker = worker
     lock = asyncio.Lock()
@@ -263,7 +269,12 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
                 for tp in stale:
                     unacked.pop(tp, None)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, worker.assign, sorted(wanted))
+            try:
+                count = await loop.run_in_executor(None, probe.partition_count, settings.topic)
+                await loop.run_in_executor(
+                    None, lambda: worker.assign(sorted(wanted), source_partitions=count))
+            except PartitionCountChanged:
+                fatal(78, "refusing the assignment")
 
     @app.on_before_shutdown.connect
     async def final_flush(app: Any, **kwargs: Any) -> None:

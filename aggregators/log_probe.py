@@ -79,6 +79,14 @@ class KafkaLogProbe:
             finally:
                 consumer.unassign()
 
+    def partition_count(self, topic: str) -> int:
+        with self._lock:
+            meta = self._reader().list_topics(topic, timeout=self._timeout_s)
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise RuntimeError(f"topic {topic!r} not found")
+        return len(found.partitions)
+
     def committed(self, group: str, tp: TopicPartition) -> int | None:
         from confluent_kafka import Consumer
         from confluent_kafka import TopicPartition as KafkaTP

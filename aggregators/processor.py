@@ -120,6 +120,9 @@ class PartitionProcessor:
                                  InMemoryDeduper(settings.dedupe_horizon_ms))
         self.counters = Counters()
         self.restored = False  # True when built from a checkpoint
+        # The source topic's partition count when this state was built: customers are
+        # routed by it, so the state is only valid while it holds (see runner.assign).
+        self.source_partitions: int | None = None
         self._dirty: set[Key] = set()
         self._pending = Flush()
         self._clock_ms = -(2**63)  # largest record timestamp seen: processing time
@@ -255,6 +258,7 @@ class PartitionProcessor:
             "next_offset": self.next_offset, "clock_ms": self._clock_ms,
             "max_event_ms": self.watermark.max_event_ms,
             "closed_before_ms": self.state.closed_before_ms,
+            "source_partitions": self.source_partitions,
             "settings": [self.settings.allowed_lateness_ms, self.settings.watermark_delay_ms,
                          self.settings.dedupe_horizon_ms],
             "batches": self.dedupers.batches.export(),  # type: ignore[attr-defined]
@@ -278,6 +282,7 @@ class PartitionProcessor:
         proc = cls(doc["source"], doc["partition"], registry, settings,
                    next_offset=doc["next_offset"])
         proc.restored = True
+        proc.source_partitions = doc.get("source_partitions")
         proc._clock_ms = doc["clock_ms"]
         proc.watermark.max_event_ms = doc["max_event_ms"]
         if "closed_before_ms" in doc:

@@ -39,7 +39,8 @@ from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import Flush
 from meterline.ingest.sources import SourceRecord
 
-__all__ = ["Gap", "LogGapError", "LogProbe", "OutputWriter", "RollupWorker", "TopicPartition"]
+__all__ = ["Gap", "LogGapError", "LogProbe", "OutputWriter", "PartitionCountChanged",
+           "RollupWorker", "TopicPartition"]
 
 log = logging.getLogger(__name__)
 FLUSH_COST_FACTOR = 4
@@ -71,6 +72,10 @@ class LogProbe(Protocol):
     def committed(self, group: str, tp: TopicPartition) -> int | None:
         """The group's committed offset of ``tp`` (``None``: never committed)."""
         ...
+
+
+class PartitionCountChanged(RuntimeError):
+    """The source topic's partition count differs from the one a checkpoint was made with."""
 
 
 class LogGapError(RuntimeError):
@@ -114,20 +119,42 @@ class RollupWorker:
 
     # ------------------------------------------------------------------ ownership
 
-    def assign(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+    def assign(self, partitions: Iterable[TopicPartition], *,
+               source_partitions: int | None = None) -> dict[TopicPartition, int | None]:
         """Restore checkpoints; returns where each partition must be read from (``None``:
-        no checkpoint, read from the committed offset, which is then none or 0)."""
+        no checkpoint, read from the committed offset, which is then none or 0).
+
+        ``source_partitions``: the source topic's partition count now. A checkpoint made
+        under another count is refused (:class:`PartitionCountChanged`): the SDK routes a
+        customer by that count, so after a change one customer's events would be split
+        across partitions and per-customer state (dedupe, unique_count, latest) would be
+        silently wrong."""
         new = [tp for tp in partitions if tp not in self.processors]
         blobs = self.store.load(self._key(tp) for tp in new)
         positions: dict[TopicPartition, int | None] = {}
+        made: dict[TopicPartition, PartitionProcessor] = {}
         for tp in new:
             blob = blobs.get(self._key(tp))
             if blob is None:
                 proc = PartitionProcessor(tp.topic, tp.partition, self.registry, self.settings)
-                positions[tp] = None
             else:
                 proc = PartitionProcessor.from_checkpoint(blob, self.registry, self.settings)
-                positions[tp] = self._saved[tp] = proc.next_offset
+                was = proc.source_partitions
+                if source_partitions is not None and was is not None and was != source_partitions:
+                    raise PartitionCountChanged(
+                        f"{tp.topic} has {source_partitions} partitions, but the rollup "
+                        f"state of partition {tp.partition} was built with {was}: customers "
+                        f"now map to other partitions and their dedupe, unique_count and "
+                        f"latest state would split. Put the partition count back to {was}, or "
+                        f"follow docs/rollups.md 'Changing the partition count' (a new "
+                        f"topic).")
+            if source_partitions is not None:
+                proc.source_partitions = source_partitions
+            made[tp] = proc
+        for tp, proc in made.items():  # all or nothing
+            positions[tp] = None if not proc.restored else proc.next_offset
+            if proc.restored:
+                self._saved[tp] = proc.next_offset
             self.processors[tp] = proc
             log.info("assigned %s[%d], resuming at %s", tp.topic, tp.partition, positions[tp])
         return positions

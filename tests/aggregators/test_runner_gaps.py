@@ -25,7 +25,12 @@ from test_processor import (  # same folder: pytest puts it on sys.path
 
 from meterline.aggregators.checkpoints import MemoryCheckpointStore
 from meterline.aggregators.processor import PartitionProcessor, RollupSettings
-from meterline.aggregators.runner import LogGapError, RollupWorker, TopicPartition
+from meterline.aggregators.runner import (
+    LogGapError,
+    PartitionCountChanged,
+    RollupWorker,
+    TopicPartition,
+)
 from meterline.core.envelope import Batch, encode_batch
 from meterline.ingest.sources import SourceRecord
 
@@ -243,3 +248,20 @@ def test_format_1_checkpoints_keep_their_closed_windows_closed() -> None:
     restored = PartitionProcessor.from_checkpoint(
         blob, REGISTRY, RollupSettings(allowed_lateness_ms=3 * HOUR_MS))
     assert restored.state.closed_before_ms == now
+
+
+def test_a_changed_partition_count_is_refused_with_what_to_do() -> None:
+    records, _ = make_records(20)
+    log, store, table = ListLog(records), MemoryCheckpointStore(), ReplacingTable()
+    first = worker_for(log, store, table)
+    first.drop([TP])
+    first.assign([TP], source_partitions=4)
+    consume(first, log, records)
+    first.flush(checkpoint=True)
+
+    same = RollupWorker(REGISTRY, first.writer, store, group="g", probe=log)
+    assert same.assign([TP], source_partitions=4) == {TP: 20}
+    grown = RollupWorker(REGISTRY, first.writer, store, group="g", probe=log)
+    with pytest.raises(PartitionCountChanged, match="has 6 partitions.*built with 4"):
+        grown.assign([TP], source_partitions=6)
+    assert grown.processors == {}  # all or nothing
