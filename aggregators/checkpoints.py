@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,8 +41,13 @@ class CheckpointStore(Protocol):
         """The newest blob of each key that has one."""
         ...
 
-    def save(self, blobs: dict[str, bytes]) -> None:
-        """Store the blobs durably; returns only once they would survive a crash."""
+    def load_prefixed(self, prefix: str) -> dict[str, bytes]:
+        """The newest blob of every key that starts with ``prefix``."""
+        ...
+
+    def save(self, blobs: Mapping[str, bytes | None]) -> None:
+        """Store the blobs durably, in order; ``None`` deletes the key. Returns only once
+        they would survive a crash."""
         ...
 
     def close(self) -> None: ...
@@ -56,8 +61,15 @@ class MemoryCheckpointStore:
     def load(self, keys: Iterable[str]) -> dict[str, bytes]:
         return {k: self.blobs[k] for k in keys if k in self.blobs}
 
-    def save(self, blobs: dict[str, bytes]) -> None:
-        self.blobs.update(blobs)
+    def load_prefixed(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self.blobs.items() if k.startswith(prefix)}
+
+    def save(self, blobs: Mapping[str, bytes | None]) -> None:
+        for key, blob in blobs.items():
+            if blob is None:
+                self.blobs.pop(key, None)
+            else:
+                self.blobs[key] = blob
         self.saves += 1
 
     def close(self) -> None:
@@ -84,11 +96,19 @@ class SqliteCheckpointStore:
                     out[key] = bytes(row[0])
         return out
 
-    def save(self, blobs: dict[str, bytes]) -> None:
+    def load_prefixed(self, prefix: str) -> dict[str, bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, blob FROM checkpoints WHERE substr(key, 1, ?)"
+                                    " = ?", (len(prefix), prefix)).fetchall()
+        return {k: bytes(b) for k, b in rows}
+
+    def save(self, blobs: Mapping[str, bytes | None]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM checkpoints WHERE key = ?",
+                                 [(k,) for k, b in blobs.items() if b is None])
             self._db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)",
-                                 list(blobs.items()))
+                                 [(k, b) for k, b in blobs.items() if b is not None])
             self._db.execute("COMMIT")
 
     def close(self) -> None:
@@ -135,7 +155,7 @@ class KafkaCheckpointStore:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
 
-    def save(self, blobs: dict[str, bytes]) -> None:
+    def save(self, blobs: Mapping[str, bytes | None]) -> None:
         def report(err: Any, msg: Any) -> None:
             if err is not None:
                 self._errors.append(str(err))
@@ -148,11 +168,18 @@ class KafkaCheckpointStore:
             raise RuntimeError(f"checkpoint save failed ({remaining} undelivered): {errors}")
 
     def load(self, keys: Iterable[str]) -> dict[str, bytes]:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
         wanted = {k.encode() for k in keys}
         if not wanted:
             return {}
+        return self._read(wanted.__contains__)
+
+    def load_prefixed(self, prefix: str) -> dict[str, bytes]:
+        raw = prefix.encode()
+        return self._read(lambda key: key.startswith(raw))
+
+    def _read(self, wanted: Callable[[bytes], bool]) -> dict[str, bytes]:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
         consumer = Consumer({
             "bootstrap.servers": self._bootstrap,
             "group.id": "meterline-checkpoint-reader",  # never commits; assign() only
@@ -186,7 +213,7 @@ class KafkaCheckpointStore:
                             continue
                         raise KafkaException(err)
                     key = msg.key()
-                    if key in wanted:
+                    if key is not None and wanted(key):
                         value = msg.value()
                         if value is None:
                             found.pop(key, None)  # tombstone

@@ -91,7 +91,8 @@ class EmbeddedRollups:
                  registry: MeterRegistry, *, group: str = DEFAULT_GROUP,
                  settings: RollupSettings | None = None, topic: str = DEFAULT_TOPIC,
                  max_records: int = 64, flush_interval_s: float = 0.5,
-                 checkpoint_interval_s: float = 5.0, idle_sleep_s: float = 0.05) -> None:
+                 checkpoint_interval_s: float = 5.0, idle_sleep_s: float = 0.05,
+                 id_store_dir: str | Path | None = None) -> None:
         self.log = log
         self.group = group
         self.topic = topic
@@ -101,7 +102,7 @@ class EmbeddedRollups:
         self.worker = RollupWorker(registry, writer, store, group=group, settings=settings,
                                    flush_interval_s=flush_interval_s,
                                    checkpoint_interval_s=checkpoint_interval_s,
-                                   probe=LocalLogProbe(log))
+                                   probe=LocalLogProbe(log), id_store_dir=id_store_dir)
         self.start_offsets: dict[int, int] | None = None
         self._checkpointed: dict[int, int] = {}  # partition -> next_offset last saved
         self._failed: BaseException | None = None  # a flush that may not have been written
@@ -228,6 +229,9 @@ def run_embedded_rollups(log: LocalLog, storage: Any, registry: MeterRegistry, *
     ``checkpoint_interval_s``, ...)."""
     store = SqliteCheckpointStore(checkpoint_path)
     try:
+        checkpoint_path = Path(checkpoint_path)
+        options.setdefault("id_store_dir",
+                           checkpoint_path.with_name(checkpoint_path.name + ".ids"))
         runner = EmbeddedRollups(log, StorageWriter(storage, database=database), store,
                                  registry, group=group, settings=settings, **options)
         return runner.run(until_idle_s=until_idle_s, stop=stop, on_step=on_step)

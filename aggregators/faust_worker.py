@@ -102,11 +102,12 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
     import faust
     from faust.types import TP as FaustTP
 
+    datadir = os.environ.get("METERLINE_FAUST_DATADIR", f"/tmp/meterline-faust-{os.getpid()}")
     app: Any = faust.App(
         settings.group,  # the app id is the consumer group
         broker=f"kafka://{settings.bootstrap_servers}",
         store="memory://",
-        datadir=os.environ.get("METERLINE_FAUST_DATADIR", f"/tmp/meterline-faust-{os.getpid()}"),
+        datadir=datadir,
         web_enabled=False,
         autodiscover=False,
         topic_disable_leader=True,  # no "<id>-__assignor-__leader" topic
@@ -128,6 +129,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         flush_interval_s=settings.flush_interval_s,
         checkpoint_interval_s=settings.checkpoint_interval_s,
         probe=probe,
+        id_store_dir=os.path.join(datadir, "ids"),  # scratch, rebuilt from the deltas
     )
     app.meterline_worker = worker
     lock = asyncio.Lock()

@@ -35,11 +35,13 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from meterline.aggregators.id_store import IdEntry, IdStore, MemoryIdStore
 from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, InMemoryDeduper
 from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
@@ -60,7 +62,9 @@ __all__ = ["CHECKPOINT_FORMAT", "Counters", "PartitionProcessor", "RollupSetting
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 2  # 2: + closed_before_ms; format 1 is still read
+# 3: explicit event ids leave the blob for deltas (id_store.py); 2: + closed_before_ms.
+# Formats 1 and 2 are still read.
+CHECKPOINT_FORMAT = 3
 MAX_DEAD_PAYLOAD = 1 << 20  # the record itself stays in the topic at (partition, offset)
 
 
@@ -105,7 +109,8 @@ class Counters:
 
 class PartitionProcessor:
     def __init__(self, source: str, partition: int, registry: MeterRegistry,
-                 settings: RollupSettings | None = None, *, next_offset: int = 0) -> None:
+                 settings: RollupSettings | None = None, *, next_offset: int = 0,
+                 ids: IdStore | None = None) -> None:
         self.source = source
         self.partition = partition
         self.registry = registry
@@ -116,8 +121,10 @@ class PartitionProcessor:
         self.next_offset = next_offset
         self.state = RollupState(settings.allowed_lateness_ms)
         self.watermark = PartitionWatermark(settings.watermark_delay_ms)
-        self.dedupers = Dedupers(InMemoryDeduper(settings.dedupe_horizon_ms),
-                                 InMemoryDeduper(settings.dedupe_horizon_ms))
+        # Explicit event ids: on disk and checkpointed as deltas when the runner gives a
+        # SqliteIdStore (their volume follows traffic); batch ids stay in memory.
+        self.ids = ids if ids is not None else MemoryIdStore(settings.dedupe_horizon_ms)
+        self.dedupers = Dedupers(InMemoryDeduper(settings.dedupe_horizon_ms), self.ids)
         self.counters = Counters()
         self.restored = False  # True when built from a checkpoint
         # The source topic's partition count when this state was built: customers are
@@ -159,6 +166,7 @@ class PartitionProcessor:
         else:
             if now_ms < 0:  # no log timestamp at all (not Kafka): the batch's own clock
                 now_ms = self._clock_ms = max(self._clock_ms, batch.created_ms)
+            self.ids.offset = record.offset  # ids first seen here are stored with it
             outcome = self.state.apply_batch(batch, self.registry, self.dedupers,
                                              self.watermark, now_ms, self._dirty)
             self._collect(record, batch, outcome, now_ms)
@@ -262,7 +270,7 @@ class PartitionProcessor:
             "settings": [self.settings.allowed_lateness_ms, self.settings.watermark_delay_ms,
                          self.settings.dedupe_horizon_ms],
             "batches": self.dedupers.batches.export(),  # type: ignore[attr-defined]
-            "events": self.dedupers.events.export(),  # type: ignore[attr-defined]
+            "ids_clock_ms": self.ids.now_ms,  # the ids themselves: take_id_delta()
             "cells": self.state.export_all(),
         }
         try:
@@ -271,16 +279,24 @@ class PartitionProcessor:
             data = json.dumps(doc, separators=(",", ":")).encode()
         return zlib.compress(data, 1)
 
+    def take_id_delta(self) -> list[IdEntry]:
+        """Explicit ids first seen since the last call: saved with the next checkpoint."""
+        return self.ids.take_delta()
+
     @classmethod
     def from_checkpoint(cls, blob: bytes, registry: MeterRegistry,
-                        settings: RollupSettings | None = None) -> PartitionProcessor:
+                        settings: RollupSettings | None = None, *,
+                        ids: IdStore | None = None,
+                        id_deltas: Iterable[list[IdEntry]] = ()) -> PartitionProcessor:
+        """Restore a checkpoint; ``id_deltas`` are the partition's saved id deltas (only
+        ids first seen before the checkpoint's ``next_offset`` are kept)."""
         doc = json.loads(zlib.decompress(blob))
-        if doc.get("format") not in (1, CHECKPOINT_FORMAT):
+        if doc.get("format") not in (1, 2, CHECKPOINT_FORMAT):
             raise ValueError(f"unknown checkpoint format {doc.get('format')!r}")
         saved = RollupSettings(*doc["settings"])
         settings = settings or saved
         proc = cls(doc["source"], doc["partition"], registry, settings,
-                   next_offset=doc["next_offset"])
+                   next_offset=doc["next_offset"], ids=ids)
         proc.restored = True
         proc.source_partitions = doc.get("source_partitions")
         proc._clock_ms = doc["clock_ms"]
@@ -296,7 +312,13 @@ class PartitionProcessor:
                         "windows closed before %d stay closed", proc.source, proc.partition,
                         saved, settings, proc.state.closed_before_ms)
         proc.dedupers.batches.restore(*doc["batches"])  # type: ignore[attr-defined]
-        proc.dedupers.events.restore(*doc["events"])  # type: ignore[attr-defined]
+        next_offset = doc["next_offset"]
+        if "events" in doc:  # formats 1-2: the ids were in the blob
+            clock, entries = doc["events"]
+            proc.ids.load([(str(k), int(t), -1) for t, k in entries], next_offset, clock)
+        else:
+            proc.ids.load((e for delta in id_deltas for e in delta), next_offset,
+                          doc["ids_clock_ms"])
         for window, customer, meter, group, start, aggregation, plain, events in doc["cells"]:
             key = (window, customer, meter, tuple((k, v) for k, v in group), start)
             proc.state.restore(key, aggregation, plain, events)

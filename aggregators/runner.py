@@ -31,9 +31,18 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from meterline.aggregators.checkpoints import CheckpointStore, checkpoint_key
+from meterline.aggregators.id_store import (
+    IdEntry,
+    IdStore,
+    MemoryIdStore,
+    SqliteIdStore,
+    decode_delta,
+    encode_delta,
+)
 from meterline.aggregators.processor import Counters, PartitionProcessor, RollupSettings
 from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import Flush
@@ -96,9 +105,14 @@ class RollupWorker:
     def __init__(self, registry: MeterRegistry, writer: OutputWriter, store: CheckpointStore,
                  *, group: str, settings: RollupSettings | None = None,
                  flush_interval_s: float = 0.5, checkpoint_interval_s: float = 5.0,
-                 probe: LogProbe | None = None) -> None:
+                 probe: LogProbe | None = None, id_store_dir: str | Path | None = None
+                 ) -> None:
         self.registry = registry
         self.probe = probe
+        # Explicit event ids on disk under this directory (one scratch file per partition,
+        # rebuilt from the checkpoint store's deltas on assignment); None: in memory.
+        self.id_store_dir = Path(id_store_dir) if id_store_dir is not None else None
+        self._deltas: dict[TopicPartition, dict[str, int]] = {}  # live delta key -> newest id ms
         self.writer = writer
         self.store = store
         self.group = group
@@ -116,6 +130,16 @@ class RollupWorker:
 
     def _key(self, tp: TopicPartition) -> str:
         return checkpoint_key(self.group, tp.topic, tp.partition)
+
+    def _delta_prefix(self, tp: TopicPartition) -> str:
+        return self._key(tp) + "/ids/"
+
+    def _id_store(self, tp: TopicPartition) -> IdStore:
+        horizon = self.settings.dedupe_horizon_ms
+        if self.id_store_dir is None:
+            return MemoryIdStore(horizon)
+        name = f"{self.group}-{tp.topic}-{tp.partition}.ids.db".replace("/", "_")
+        return SqliteIdStore(self.id_store_dir / name, horizon)
 
     # ------------------------------------------------------------------ ownership
 
@@ -135,10 +159,17 @@ class RollupWorker:
         made: dict[TopicPartition, PartitionProcessor] = {}
         for tp in new:
             blob = blobs.get(self._key(tp))
+            deltas = self.store.load_prefixed(self._delta_prefix(tp))
+            decoded = {key: decode_delta(d) for key, d in deltas.items()}
+            self._deltas[tp] = {key: max((e[1] for e in entries), default=-(2**63))
+                                for key, entries in decoded.items()}
             if blob is None:
-                proc = PartitionProcessor(tp.topic, tp.partition, self.registry, self.settings)
+                proc = PartitionProcessor(tp.topic, tp.partition, self.registry, self.settings,
+                                          ids=self._id_store(tp))
             else:
-                proc = PartitionProcessor.from_checkpoint(blob, self.registry, self.settings)
+                proc = PartitionProcessor.from_checkpoint(
+                    blob, self.registry, self.settings, ids=self._id_store(tp),
+                    id_deltas=decoded.values())
                 was = proc.source_partitions
                 if source_partitions is not None and was is not None and was != source_partitions:
                     raise PartitionCountChanged(
@@ -176,6 +207,8 @@ class RollupWorker:
             proc = self.processors.pop(tp, None)
             if proc is not None:
                 self.counters.add(proc.counters)
+                proc.ids.close()
+            self._deltas.pop(tp, None)
             self._saved.pop(tp, None)
             self._held.pop(tp, None)
 
@@ -294,9 +327,7 @@ class RollupWorker:
         # An idle partition's state has not changed since its last checkpoint: skip it.
         changed = [tp for tp in tps if self._saved.get(tp) != self.processors[tp].next_offset]
         if changed:
-            self.store.save({self._key(tp): self.processors[tp].checkpoint() for tp in changed})
-            for tp in changed:
-                self._saved[tp] = self.processors[tp].next_offset
+            self._save_checkpoints(changed)
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
         t = self.totals()
@@ -304,6 +335,41 @@ class RollupWorker:
                  "rejected=%d", self.checkpoints, len(tps), t.records, t.accepted, t.duplicate,
                  t.late, t.rejected)
         return {tp: self.processors[tp].next_offset for tp in tps}
+
+    def _save_checkpoints(self, tps: list[TopicPartition]) -> None:
+        """One save per flush: each partition's main blob, the explicit ids first seen since
+        its last checkpoint (a delta, keyed by the checkpoint's next offset), and
+        tombstones for deltas whose every id has expired. Deltas go before the blobs, so a
+        saved blob never points past its ids; a delta saved without its blob holds only
+        ids at offsets the restore ignores (see id_store.py)."""
+        deltas: dict[str, bytes | None] = {}
+        taken: dict[TopicPartition, list[IdEntry]] = {}
+        for tp in tps:
+            proc = self.processors[tp]
+            live = self._deltas.setdefault(tp, {})
+            cutoff = proc.ids.now_ms - self.settings.dedupe_horizon_ms
+            for key in [k for k, newest in live.items() if newest <= cutoff]:
+                deltas[key] = None
+            delta = taken[tp] = proc.take_id_delta()
+            if delta:
+                deltas[f"{self._delta_prefix(tp)}{proc.next_offset:020d}"] = encode_delta(delta)
+        blobs: dict[str, bytes | None] = dict(deltas)
+        blobs.update({self._key(tp): self.processors[tp].checkpoint() for tp in tps})
+        try:
+            self.store.save(blobs)
+        except BaseException:
+            for tp, delta in taken.items():
+                self.processors[tp].ids.put_back(delta)
+            raise
+        for tp in tps:
+            proc = self.processors[tp]
+            self._saved[tp] = proc.next_offset
+            live = self._deltas[tp]
+            for key, blob in deltas.items():
+                if blob is None:
+                    live.pop(key, None)
+                elif key.startswith(self._delta_prefix(tp)):
+                    live[key] = max(e[1] for e in taken[tp])
 
     def checkpoint_age_s(self, now: float) -> float:
         return now - self._last_checkpoint

@@ -121,7 +121,7 @@ def test_crash_and_replay_from_a_checkpoint_changes_nothing(seed: int) -> None:
     records, expected = make_records(250, seed)
     table = ReplacingTable()
     proc = PartitionProcessor("usage", 0, REGISTRY)
-    checkpoints = []
+    checkpoints, deltas = [], []
     crash_at = rng.randrange(20, len(records))
     for rec in records[:crash_at]:
         proc.process(rec)
@@ -129,10 +129,12 @@ def test_crash_and_replay_from_a_checkpoint_changes_nothing(seed: int) -> None:
             table.write(proc.take_flush())
             if rng.random() < 0.5:
                 checkpoints.append(proc.checkpoint())
+                deltas.append(proc.take_id_delta())
     # The crash: unflushed work is lost. Resume from any saved checkpoint (a stale one
-    # stands for a checkpoint written late by a worker that lost the partition).
+    # stands for a checkpoint written late by a worker that lost the partition), given
+    # every id delta saved: those of later checkpoints must not count.
     blob = rng.choice(checkpoints) if checkpoints else None
-    proc = (PartitionProcessor.from_checkpoint(blob, REGISTRY) if blob
+    proc = (PartitionProcessor.from_checkpoint(blob, REGISTRY, id_deltas=deltas) if blob
             else PartitionProcessor("usage", 0, REGISTRY))
     run(proc, records, table, flush_every=rng.randrange(1, 20))  # re-reads from offset 0
     assert proc.counters.skipped_records == proc.next_offset - proc.counters.records
