@@ -32,7 +32,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def checkpoint_key(group: str, source: str, partition: int) -> str:
+def checkpoint_key(group: str, source: str, partition: int | str) -> str:
     return f"{group}/{source}/{partition}"
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 
 from meterline.aggregators.id_store import IdEntry, IdStore, MemoryIdStore
-from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, InMemoryDeduper
+from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, InMemoryDeduper, SequenceDeduper
 from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
 from meterline.core.lateness import (
@@ -124,7 +124,8 @@ class PartitionProcessor:
         # Explicit event ids: on disk and checkpointed as deltas when the runner gives a
         # SqliteIdStore (their volume follows traffic); batch ids stay in memory.
         self.ids = ids if ids is not None else MemoryIdStore(settings.dedupe_horizon_ms)
-        self.dedupers = Dedupers(InMemoryDeduper(settings.dedupe_horizon_ms), self.ids)
+        self.dedupers = Dedupers(InMemoryDeduper(settings.dedupe_horizon_ms), self.ids,
+                                 SequenceDeduper(settings.dedupe_horizon_ms))
         self.counters = Counters()
         self.restored = False  # True when built from a checkpoint
         # The source topic's partition count when this state was built: customers are
@@ -261,6 +262,7 @@ class PartitionProcessor:
         checkpoint with unwritten changes would lose them on restore."""
         if self.pending:
             raise RuntimeError("checkpoint() with unflushed changes; call take_flush() first")
+        self.dedupers.sequences.expire(self._clock_ms)  # producers idle past the horizon
         doc = {
             "format": CHECKPOINT_FORMAT, "source": self.source, "partition": self.partition,
             "next_offset": self.next_offset, "clock_ms": self._clock_ms,
@@ -270,6 +272,7 @@ class PartitionProcessor:
             "settings": [self.settings.allowed_lateness_ms, self.settings.watermark_delay_ms,
                          self.settings.dedupe_horizon_ms],
             "batches": self.dedupers.batches.export(),  # type: ignore[attr-defined]
+            "sequences": self.dedupers.sequences.export(),
             "ids_clock_ms": self.ids.now_ms,  # the ids themselves: take_id_delta()
             "cells": self.state.export_all(),
         }
@@ -312,6 +315,8 @@ class PartitionProcessor:
                         "windows closed before %d stay closed", proc.source, proc.partition,
                         saved, settings, proc.state.closed_before_ms)
         proc.dedupers.batches.restore(*doc["batches"])  # type: ignore[attr-defined]
+        if "sequences" in doc:
+            proc.dedupers.sequences.restore(*doc["sequences"])
         next_offset = doc["next_offset"]
         if "events" in doc:  # formats 1-2: the ids were in the blob
             clock, entries = doc["events"]

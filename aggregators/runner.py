@@ -154,12 +154,15 @@ class RollupWorker:
         across partitions and per-customer state (dedupe, unique_count, latest) would be
         silently wrong."""
         new = [tp for tp in partitions if tp not in self.processors]
-        blobs = self.store.load(self._key(tp) for tp in new)
+        blobs: dict[str, bytes] = {}
+        for topic in sorted({tp.topic for tp in new}):  # one read of the store per topic
+            blobs.update(self.store.load_prefixed(checkpoint_key(self.group, topic, "")))
         positions: dict[TopicPartition, int | None] = {}
         made: dict[TopicPartition, PartitionProcessor] = {}
         for tp in new:
             blob = blobs.get(self._key(tp))
-            deltas = self.store.load_prefixed(self._delta_prefix(tp))
+            prefix = self._delta_prefix(tp)
+            deltas = {k: v for k, v in blobs.items() if k.startswith(prefix)}
             decoded = {key: decode_delta(d) for key, d in deltas.items()}
             self._deltas[tp] = {key: max((e[1] for e in entries), default=-(2**63))
                                 for key, entries in decoded.items()}

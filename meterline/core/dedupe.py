@@ -38,6 +38,7 @@ __all__ = [
     "Deduper",
     "EventDeduper",
     "InMemoryDeduper",
+    "SequenceDeduper",
 ]
 
 # 24 h: covers SDK retries with backoff, a worker restart, and a spool replay after a
@@ -121,3 +122,103 @@ class BatchDeduper(InMemoryDeduper):
 
 class EventDeduper(InMemoryDeduper):
     """Remembers explicit event ids (idempotency keys), one entry per event."""
+
+
+# Past this many disjoint runs of sequence numbers for one producer (a run ends where a
+# batch is missing), the oldest run is forgotten: its batches would count again if resent.
+# Runs only split when batches are lost or arrive out of order, so real producers hold one
+# or two; the cap keeps one broken producer from growing the state without bound.
+MAX_RUNS_PER_PRODUCER = 64
+
+
+class SequenceDeduper:
+    """Batch dedupe by ``(producer, seq)``, as Kafka's idempotent producer does it.
+
+    An SDK instance numbers its batches per partition 0, 1, 2, ... under a producer id it
+    picks at start, and resends a batch only under the same pair. So what a partition has
+    seen from one producer is a few *runs* of consecutive numbers - normally one, growing
+    at its end - and the state is O(producers), whatever the traffic: 10,000 producers is
+    10,000 small entries, where remembering batch ids would keep every batch of the last
+    24 hours.
+
+    Expiry: a run is forgotten once it has not grown for ``horizon_ms`` (on the caller's
+    clock, as ``InMemoryDeduper``), a producer once all its runs are. A resend is therefore
+    recognised for at least the horizon after the batch was first seen.
+    """
+
+    def __init__(self, horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> None:
+        if type(horizon_ms) is not int or horizon_ms <= 0:
+            raise ValueError(f"horizon_ms must be a positive int, got {horizon_ms!r}")
+        self.horizon_ms = horizon_ms
+        # producer -> runs [first seq, last seq, last grown at ms], sorted, disjoint
+        self._runs: dict[str, list[list[int]]] = {}
+        self._now_ms = -(2**63)
+        self.forgotten_runs = 0  # dropped by MAX_RUNS_PER_PRODUCER (a metric)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def seen_or_add(self, producer: str, seq: int, now_ms: int) -> bool:
+        if now_ms > self._now_ms:
+            self._now_ms = now_ms
+        now = self._now_ms
+        runs = self._runs.get(producer)
+        if runs is None:
+            self._runs[producer] = [[seq, seq, now]]
+            return False
+        cutoff = now - self.horizon_ms
+        # Expire exactly here (not only in expire()), so decisions never depend on when
+        # the caller happened to call expire().
+        if any(r[2] <= cutoff for r in runs):
+            runs[:] = [r for r in runs if r[2] > cutoff]
+            if not runs:
+                runs.append([seq, seq, now])
+                return False
+        i = self._find(runs, seq)
+        if i < len(runs) and runs[i][0] <= seq <= runs[i][1]:
+            return True
+        # New: extend the run ending just below, the run starting just above, or both.
+        before = runs[i - 1] if i > 0 and runs[i - 1][1] == seq - 1 else None
+        after = runs[i] if i < len(runs) and runs[i][0] == seq + 1 else None
+        if before is not None and after is not None:
+            before[1], before[2] = after[1], now
+            del runs[i]
+        elif before is not None:
+            before[1], before[2] = seq, now
+        elif after is not None:
+            after[0], after[2] = seq, now
+        else:
+            runs.insert(i, [seq, seq, now])
+            if len(runs) > MAX_RUNS_PER_PRODUCER:
+                oldest = min(range(len(runs)), key=lambda j: runs[j][2])
+                del runs[oldest]
+                self.forgotten_runs += 1
+        return False
+
+    @staticmethod
+    def _find(runs: list[list[int]], seq: int) -> int:
+        """Index of the first run whose last seq is >= seq (runs are few: linear is fine,
+        and the common case - the newest run - is checked first)."""
+        if runs[-1][1] < seq:
+            return len(runs)
+        for i, run in enumerate(runs):
+            if run[1] >= seq:
+                return i
+        return len(runs)  # pragma: no cover - unreachable given the check above
+
+    def expire(self, now_ms: int) -> int:
+        if now_ms > self._now_ms:
+            self._now_ms = now_ms
+        cutoff = self._now_ms - self.horizon_ms
+        gone = [p for p, runs in self._runs.items() if max(r[2] for r in runs) <= cutoff]
+        for p in gone:
+            del self._runs[p]
+        return len(gone)
+
+    def export(self) -> tuple[int, dict[str, list[list[int]]]]:
+        return self._now_ms, {p: [list(r) for r in runs] for p, runs in self._runs.items()}
+
+    def restore(self, now_ms: int, runs: dict[str, list[list[int]]]) -> None:
+        self._now_ms = now_ms
+        self._runs = {str(p): [[int(a), int(b), int(t)] for a, b, t in rs]
+                      for p, rs in runs.items()}

@@ -48,6 +48,7 @@ REASONS = (
     "bad_count",
     "bad_column",
     "bad_source",
+    "bad_producer",
 )
 
 
@@ -70,6 +71,11 @@ class Batch:
     dimensions: list[dict[str, str] | None] | None = None
     sources: list[str | None] | None = None
     source: str | None = None
+    # Optional, together: the sending SDK instance and this batch's number among its
+    # batches to this partition (0, 1, 2, ...). Resends keep both; the rollup dedupes
+    # batches by them in O(producers) state (core/dedupe.py SequenceDeduper).
+    producer: str | None = None
+    seq: int | None = None
 
     def __len__(self) -> int:
         return len(self.customers)
@@ -135,6 +141,9 @@ def encode_batch(batch: Batch) -> bytes:
         doc["source"] = batch.source
     if batch.sources is not None and batch.sources.count(None) != len(batch.sources):
         doc["event_source"] = batch.sources
+    if batch.producer is not None:
+        doc["producer"] = batch.producer
+        doc["seq"] = batch.seq
     return orjson.dumps(doc)
 
 
@@ -170,6 +179,12 @@ def decode_batch(data: object) -> Batch:
     source = doc.get("source")
     if source is not None and (type(source) is not str or len(source) > MAX_SOURCE_LEN):
         raise EnvelopeError("bad_source", "source must be a short str")
+    producer, seq = doc.get("producer"), doc.get("seq")
+    if (producer is not None or seq is not None) and (
+            type(producer) is not str or not 0 < len(producer) <= MAX_ID_LEN
+            or type(seq) is not int or not 0 <= seq <= INT64_MAX):
+        raise EnvelopeError("bad_producer",
+                                "producer (non-empty str) and seq (int >= 0) go together")
 
     # Empty customer/meter strings pass here on purpose: they are per-event faults that the
     # validator dead-letters one by one, without discarding the good events of the batch.
@@ -197,6 +212,8 @@ def decode_batch(data: object) -> Batch:
         dimensions=dimensions,
         sources=sources,
         source=source,
+        producer=producer,
+        seq=seq,
     )
 
 

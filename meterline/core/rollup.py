@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from meterline.core.aggregations import Aggregator, aggregator_for
-from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, BatchDeduper, Deduper, EventDeduper
+from meterline.core.dedupe import (
+    DEFAULT_DEDUPE_HORIZON_MS,
+    BatchDeduper,
+    Deduper,
+    EventDeduper,
+    SequenceDeduper,
+)
 from meterline.core.envelope import Batch
 from meterline.core.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
 from meterline.core.lateness import (
@@ -107,12 +113,14 @@ class LateEvent(NamedTuple):
 
 @dataclass(slots=True)
 class Dedupers:
-    batches: Deduper
+    batches: Deduper  # batch ids of envelopes without (producer, seq): other producers
     events: Deduper
+    sequences: SequenceDeduper = field(default_factory=SequenceDeduper)
 
     @classmethod
     def in_memory(cls, horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> Dedupers:
-        return cls(BatchDeduper(horizon_ms), EventDeduper(horizon_ms))
+        return cls(BatchDeduper(horizon_ms), EventDeduper(horizon_ms),
+                   SequenceDeduper(horizon_ms))
 
 
 @dataclass(slots=True)
@@ -218,7 +226,8 @@ class RollupState:
         saves merging a per-batch set into it); ``out.dirty`` is that set."""
         out = BatchOutcome(batch.batch_id) if dirty is None else BatchOutcome(batch.batch_id,
                                                                               dirty=dirty)
-        if dedupers.batches.seen_or_add(batch.batch_id, now_ms):
+        if (dedupers.batches.seen_or_add(batch.batch_id, now_ms) if batch.producer is None
+                else dedupers.sequences.seen_or_add(batch.producer, batch.seq or 0, now_ms)):
             out.duplicate_batch, out.duplicate = True, len(batch)
             return out
         closed_before = self.closed_limit(watermark)  # hour end <= this: too late

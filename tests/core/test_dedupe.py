@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meterline.core.dedupe import (
     DEFAULT_DEDUPE_HORIZON_MS,
+    MAX_RUNS_PER_PRODUCER,
     BatchDeduper,
     Deduper,
     EventDeduper,
     InMemoryDeduper,
+    SequenceDeduper,
 )
 
 T = 1_700_000_000_000
@@ -76,3 +80,73 @@ def test_expire_returns_forgotten_count() -> None:
 def test_bad_horizon_rejected(horizon: object) -> None:
     with pytest.raises(ValueError, match="horizon_ms"):
         InMemoryDeduper(horizon)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- (producer, seq) batches
+
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 40)), max_size=300))
+def test_sequences_answer_like_a_set_of_everything_seen(sends: list[tuple[str, int]]) -> None:
+    d = SequenceDeduper(horizon_ms=10**12)
+    seen: set[tuple[str, int]] = set()
+    for t, (producer, seq) in enumerate(sends):
+        assert d.seen_or_add(producer, seq, t) == ((producer, seq) in seen)
+        seen.add((producer, seq))
+
+
+def test_in_order_traffic_is_one_run_per_producer() -> None:
+    d = SequenceDeduper()
+    for seq in range(10_000):
+        for producer in ("p1", "p2"):
+            assert not d.seen_or_add(producer, seq, seq)
+    assert len(d) == 2
+    _clock, runs = d.export()
+    assert runs == {"p1": [[0, 9_999, 9_999]], "p2": [[0, 9_999, 9_999]]}
+    assert d.seen_or_add("p1", 1234, 10_000)  # a resend, long after
+
+
+def test_state_is_per_producer_not_per_batch() -> None:
+    """10,000 emitting producers, 100 batches each: 10,000 entries, each one run."""
+    import json
+
+    d = SequenceDeduper()
+    for seq in range(100):
+        for p in range(10_000):
+            d.seen_or_add(f"01J{p:023d}", seq, seq)
+    assert len(d) == 10_000
+    size = len(json.dumps(d.export()[1]))
+    assert size < 10_000 * 60, size
+
+
+def test_runs_expire_after_the_horizon_and_idle_producers_go() -> None:
+    d = SequenceDeduper(horizon_ms=100)
+    d.seen_or_add("p", 0, 0)
+    assert d.seen_or_add("p", 0, 99)  # within the horizon (not extended by a repeat)
+    assert not d.seen_or_add("p", 0, 100)  # forgotten: counted again, as with batch ids
+    d.seen_or_add("q", 0, 100)
+    assert d.expire(250) == 2 and len(d) == 0
+
+
+def test_a_producer_with_endless_holes_stays_bounded() -> None:
+    d = SequenceDeduper()
+    for i in range(MAX_RUNS_PER_PRODUCER * 3):
+        d.seen_or_add("lossy", 2 * i, i)  # every other batch lost: a new run each time
+    assert len(d.export()[1]["lossy"]) == MAX_RUNS_PER_PRODUCER
+    assert d.forgotten_runs == MAX_RUNS_PER_PRODUCER * 2
+
+
+def test_rollup_dedupes_resent_batches_by_producer_and_seq() -> None:
+    from meterline.core.envelope import Batch
+    from meterline.core.lateness import PartitionWatermark
+    from meterline.core.meters import MeterRegistry
+    from meterline.core.rollup import Dedupers, RollupState
+
+    registry = MeterRegistry.from_mapping({"meters": {"calls": {"aggregation": "count"}}})
+    state, dedupers, wm = RollupState(), Dedupers.in_memory(), PartitionWatermark()
+    t = 1_700_000_000_000
+    first = Batch("id-1", t, ["c"], ["calls"], [1], [t], producer="sdk", seq=0)
+    resent = Batch("id-1-again", t, ["c"], ["calls"], [1], [t], producer="sdk", seq=0)
+    assert state.apply_batch(first, registry, dedupers, wm, t).accepted == 1
+    assert state.apply_batch(resent, registry, dedupers, wm, t).duplicate_batch
+    assert len(dedupers.batches) == 0  # type: ignore[arg-type]

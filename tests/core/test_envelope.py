@@ -246,6 +246,11 @@ REJECTIONS: list[tuple[str, object]] = [
     ("bad_source", mutated(source=1)),
     ("bad_source", mutated(source="s" * (MAX_SOURCE_LEN + 1))),
     ("bad_source", mutated(source=["svc"])),
+    ("bad_producer", mutated(producer="sdk-1")),  # seq missing
+    ("bad_producer", mutated(seq=3)),  # producer missing
+    ("bad_producer", mutated(producer="", seq=3)),
+    ("bad_producer", mutated(producer="sdk-1", seq=-1)),
+    ("bad_producer", mutated(producer="sdk-1", seq="3")),
     ("bad_column", mutated(count=3)),  # count disagrees with the columns
     ("bad_column", mutated(customer=_DROP)),
     ("bad_column", mutated(customer="a")),
@@ -375,3 +380,10 @@ def test_documented_reasons_match_code() -> None:
     assert {
         r for r in table if r.startswith(("not_", "bad_", "too_", "malformed", "unsupported"))
     } == set(REASONS)
+
+
+def test_producer_and_seq_round_trip() -> None:
+    batch = Batch("b", 1, ["c"], ["m"], [1], [1], producer="sdk-1", seq=41)
+    back = decode_batch(encode_batch(batch))
+    assert (back.producer, back.seq) == ("sdk-1", 41)
+    assert decode_batch(encode_batch(Batch("b", 1, ["c"], ["m"], [1], [1]))).producer is None
