@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency list changes (idempotent, uses pip's cache).
 STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka lint bench bench-e2e bench-rollups clean
+.PHONY: demo test install kafka lint bench bench-e2e bench-rollups bench-state clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-e2e: $(STAMP) kafka
 
 bench-rollups: $(STAMP) kafka
 	$(BIN)/python benchmarks/e2e_rollups.py
+
+bench-state: $(STAMP)
+	$(BIN)/python benchmarks/checkpoint_state.py
 
 clean:
 	rm -rf $(VENV) .cache var .meterline-spool

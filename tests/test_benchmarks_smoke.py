@@ -40,3 +40,13 @@ def test_rollups_harness_small() -> None:  # `make bench-rollups`
     summary = json.loads(next(line for line in out.stdout.splitlines()
                               if line.startswith("{")))
     assert summary["throughput"]["events"] == 20000
+
+
+def test_checkpoint_state_harness_small() -> None:  # `make bench-state`
+    out = _run("benchmarks/checkpoint_state.py", "--quick")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    by = {(r["scenario"], r["mode"], r["ids"]): r for r in runs}
+    seq = by[("producers", "seq", "disk")]
+    assert seq["producers_held"] == seq["n"]  # one entry per producer
+    assert by[("ids", "seq", "disk")]["ids_held"] == by[("ids", "seq", "disk")]["n"]
