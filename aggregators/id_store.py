@@ -73,10 +73,6 @@ class IdStore:
         self._insert(kept)
         return len(kept)
 
-    def put_back(self, delta: list[IdEntry]) -> None:
-        """A delta whose save failed: it goes out with the next checkpoint instead."""
-        self._delta[:0] = delta
-
     def _insert(self, entries: list[IdEntry]) -> None:
         raise NotImplementedError
 

@@ -53,6 +53,11 @@ __all__ = ["Gap", "LogGapError", "LogProbe", "OutputWriter", "PartitionCountChan
 
 log = logging.getLogger(__name__)
 FLUSH_COST_FACTOR = 4
+# An open id delta is sealed at this many ids (~1.5 MB of JSON, rewritten at most once per
+# checkpoint) or once it spans this much log time, whichever comes first: a few hundred
+# deltas per partition per 24 h horizon however busy it is.
+SEAL_DELTA_IDS = 50_000
+SEAL_DELTA_MS = 3_600_000
 
 
 class OutputWriter(Protocol):
@@ -113,6 +118,7 @@ class RollupWorker:
         # rebuilt from the checkpoint store's deltas on assignment); None: in memory.
         self.id_store_dir = Path(id_store_dir) if id_store_dir is not None else None
         self._deltas: dict[TopicPartition, dict[str, int]] = {}  # live delta key -> newest id ms
+        self._open: dict[TopicPartition, tuple[str, list[IdEntry]]] = {}  # see _save_checkpoints
         self.writer = writer
         self.store = store
         self.group = group
@@ -212,6 +218,7 @@ class RollupWorker:
                 self.counters.add(proc.counters)
                 proc.ids.close()
             self._deltas.pop(tp, None)
+            self._open.pop(tp, None)
             self._saved.pop(tp, None)
             self._held.pop(tp, None)
 
@@ -340,39 +347,48 @@ class RollupWorker:
         return {tp: self.processors[tp].next_offset for tp in tps}
 
     def _save_checkpoints(self, tps: list[TopicPartition]) -> None:
-        """One save per flush: each partition's main blob, the explicit ids first seen since
-        its last checkpoint (a delta, keyed by the checkpoint's next offset), and
-        tombstones for deltas whose every id has expired. Deltas go before the blobs, so a
-        saved blob never points past its ids; a delta saved without its blob holds only
-        ids at offsets the restore ignores (see id_store.py)."""
-        deltas: dict[str, bytes | None] = {}
-        taken: dict[TopicPartition, list[IdEntry]] = {}
+        """One save per flush: each partition's main blob, its *open* id delta, and
+        tombstones for deltas whose every id has expired.
+
+        The open delta collects the explicit ids first seen since it was opened and is
+        rewritten under one key at each checkpoint (compaction keeps the newest) until it
+        holds ``SEAL_DELTA_IDS`` ids or spans ``SEAL_DELTA_MS`` of log time; then the next
+        one opens. So the store holds a few hundred deltas per partition and horizon, not
+        one per checkpoint. Deltas go before the blobs: a saved blob never points past its
+        ids, and a delta saved without its blob holds ids at offsets the restore ignores
+        (id_store.py). Ids stay in the open delta until saved, so a failed save loses none.
+        """
+        blobs: dict[str, bytes | None] = {}
         for tp in tps:
             proc = self.processors[tp]
             live = self._deltas.setdefault(tp, {})
             cutoff = proc.ids.now_ms - self.settings.dedupe_horizon_ms
             for key in [k for k, newest in live.items() if newest <= cutoff]:
-                deltas[key] = None
-            delta = taken[tp] = proc.take_id_delta()
-            if delta:
-                deltas[f"{self._delta_prefix(tp)}{proc.next_offset:020d}"] = encode_delta(delta)
-        blobs: dict[str, bytes | None] = dict(deltas)
+                blobs[key] = None
+            new = proc.take_id_delta()
+            if new:
+                key, entries = self._open.get(tp) or (
+                    f"{self._delta_prefix(tp)}{proc.next_offset:020d}", [])
+                entries.extend(new)
+                self._open[tp] = (key, entries)
+            if tp in self._open:
+                key, entries = self._open[tp]
+                blobs[key] = encode_delta(entries)
         blobs.update({self._key(tp): self.processors[tp].checkpoint() for tp in tps})
-        try:
-            self.store.save(blobs)
-        except BaseException:
-            for tp, delta in taken.items():
-                self.processors[tp].ids.put_back(delta)
-            raise
+        self.store.save(blobs)
         for tp in tps:
             proc = self.processors[tp]
             self._saved[tp] = proc.next_offset
             live = self._deltas[tp]
-            for key, blob in deltas.items():
+            for key, blob in blobs.items():
                 if blob is None:
                     live.pop(key, None)
-                elif key.startswith(self._delta_prefix(tp)):
-                    live[key] = max(e[1] for e in taken[tp])
+            if tp in self._open:
+                key, entries = self._open[tp]
+                live[key] = max(e[1] for e in entries)
+                if (len(entries) >= SEAL_DELTA_IDS
+                        or entries[-1][1] - entries[0][1] >= SEAL_DELTA_MS):
+                    del self._open[tp]
 
     def checkpoint_age_s(self, now: float) -> float:
         return now - self._last_checkpoint

@@ -4,6 +4,7 @@ anywhere (replaying from any checkpoint with every delta ever saved) changes no 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -97,3 +98,36 @@ def test_checkpoints_hold_deltas_not_every_id_and_expired_deltas_go(tmp_path: Pa
     assert 0 < len(deltas) < 400 // 20
     restored = worker(store, ReplacingTable(), tmp_path / "ids2", horizon=3_600_000)
     assert len(restored.processors[TP].ids) == len(w.processors[TP].ids)
+
+
+def test_open_deltas_are_rewritten_then_sealed_and_a_failed_save_loses_no_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import meterline.aggregators.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "SEAL_DELTA_IDS", 60)
+    records, expected = make_records(300, seed=4)
+
+    class Flaky(MemoryCheckpointStore):
+        fail_next = False
+
+        def save(self, blobs):  # type: ignore[no-untyped-def]
+            if self.fail_next:
+                self.fail_next = False
+                raise ConnectionError("checkpoint topic away")
+            super().save(blobs)
+
+    store, table = Flaky(), ReplacingTable()
+    w = worker(store, table, tmp_path / "ids")
+    for i, rec in enumerate(records):
+        w.process(rec)
+        if i % 10 == 9:
+            store.fail_next = i % 70 == 9
+            with contextlib.suppress(ConnectionError):
+                w.flush(checkpoint=True)
+    w.flush(checkpoint=True)
+    deltas = [k for k in store.blobs if "/ids/" in k]
+    ids = len(w.processors[TP].ids)
+    assert 1 < len(deltas) <= ids // 60 + 1  # sealed at 60 ids, far fewer than checkpoints
+    restored = worker(store, ReplacingTable(), tmp_path / "ids2")
+    assert len(restored.processors[TP].ids) == ids
+    assert table.totals("hourly") == expected
