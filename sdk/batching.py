@@ -126,6 +126,11 @@ def _widen(item: FastItem) -> Item:
     return (customer, meter, units * SCALE, int(seconds * 1000), None, None, None)
 
 
+def full_item(item: Item | FastItem) -> Item:
+    """The 7-field form of a buffered item (what the spool's events table stores)."""
+    return item if len(item) == 7 else _widen(item)
+
+
 def split_for_partitions(batch: Batch, partitions: PartitionCache) -> list[tuple[int, Batch]]:
     """Split a batch made while the partition count was unknown.
 

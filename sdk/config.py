@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,11 @@ class EmitterConfig:
     delivery_timeout_ms: int = 30_000
     compression: str = "lz4"
     replay_in_flight: int = 32
+    # How often the background thread re-reads the topic's partition count. It keeps routing
+    # with the count it started with (a customer is never split within one process); a
+    # change is logged, counted and passed to on_error (docs/sdk.md, "Changing the partition
+    # count"). Each check is one metadata request, at most 1 s on the background thread.
+    metadata_refresh_s: float = 60.0
     source: str | None = None
     producer_config: Mapping[str, Any] = field(default_factory=dict)
     on_error: Callable[[BaseException], None] | None = None
@@ -66,6 +72,14 @@ class EmitterConfig:
                 errors.append(f"{name}: must be a positive int, got {value!r}")
         if not isinstance(self.linger_ms, int) or self.linger_ms < 0:
             errors.append(f"linger_ms: must be an int >= 0, got {self.linger_ms!r}")
+        refresh = self.metadata_refresh_s
+        if (
+            isinstance(refresh, bool)
+            or not isinstance(refresh, int | float)
+            or not math.isfinite(refresh)
+            or refresh <= 0
+        ):
+            errors.append(f"metadata_refresh_s: must be a positive number, got {refresh!r}")
         if self.enqueue_timeout_s < 0:
             errors.append("enqueue_timeout_s: must be >= 0")
         if self.compression not in ("none", "gzip", "snappy", "lz4", "zstd"):

@@ -1,15 +1,10 @@
 """The emitter: ``emit()`` on the caller's thread, everything else on one background thread.
 
 Hot path (``emit``): validate cheaply, append one tuple to a deque, return. No locks, no
-I/O, no id generation (buffered mode). The background thread wakes every ``linger_ms``:
-
-1. take what ``emit`` buffered and cut it into per-partition envelopes;
-2. send them to Kafka, or append them to the disk spool when Kafka is unreachable,
-   pushing back, or when older batches are still spooled (so order is kept);
-3. replay spooled batches, oldest first, deleting each only after Kafka acknowledged it.
-
-Every event is at all times in exactly one of: the deque, the thread's hands, librdkafka's
-queue, or the spool. Failure of a send moves its batch to the spool, never to the floor.
+I/O, no id generation (buffered mode). The background thread (``meterline.sdk.delivery``)
+wakes every ``linger_ms``, cuts what was buffered into per-partition envelopes, sends them to
+Kafka or the disk spool, and replays the spool. This module is the application's side:
+validation, the buffer, ``flush``/``close`` and ``stats``.
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterline.core.envelope import decode_batch, encode_batch
 from meterline.core.errors import InvalidEventError, MeterlineError
 from meterline.core.events import (
     MAX_TIMESTAMP_MS,
@@ -39,19 +33,12 @@ from meterline.core.events import (
 )
 from meterline.core.meters import Aggregation, MeterRegistry
 from meterline.core.quantity import MAX_UNITS, SCALE, QuantityError, to_nanos
-from meterline.sdk.batching import (
-    EncodedBatch,
-    Item,
-    PartitionCache,
-    build_batches,
-    split_for_partitions,
-)
+from meterline.sdk.batching import Item
 from meterline.sdk.config import EmitterConfig
-from meterline.sdk.spool import Spool, SpooledBatch
-from meterline.sdk.transport import Backpressure, KafkaTransport, Transport
+from meterline.sdk.delivery import Delivery
+from meterline.sdk.spool import Spool
+from meterline.sdk.transport import KafkaTransport, Transport
 
-_METADATA_RETRY_S = 1.0
-_REPLAY_BACKOFF_S = 0.5
 _time_ns = time.time_ns
 _time = time.time
 
@@ -69,6 +56,12 @@ class EmitterStats:
     rejected: int  # emit() calls refused with an error
     buffered: int  # in memory, not yet batched
     pending_in_spool: int  # on disk, not yet acknowledged
+    held: int  # cut into batches, in memory until Kafka or the spool takes them
+    errors: int  # background failures survived (retried, nothing dropped); see errors_by_cause
+    errors_by_cause: Mapping[str, int]  # keys: meterline.sdk.failures.CAUSES
+    lost: int  # events close() could neither deliver nor spool; 0 unless the disk failed too
+    undelivered_at_close: int  # not acknowledged when close() returned (spooled or lost)
+    partition_count_changes: int  # topic partition count changes seen (docs/sdk.md)
 
 
 class Emitter:
@@ -104,7 +97,6 @@ class Emitter:
             )
         # The spool last: its directory lock must not stay held when construction fails.
         self._spool = Spool(config.resolved_spool_dir(), fsync=config.durability == "fsync")
-        self._transport = transport
         self._buffer: deque[Item] = deque()
         self._max_buffered = config.max_buffered_events
         # The fast path in emit() is only sound when no registry rule, durable write or
@@ -113,25 +105,15 @@ class Emitter:
         self._known_meters: set[str] = set()
         # Same set object when the fast path applies, an always-empty one when it doesn't.
         self._fast_meters: set[str] = self._known_meters if fast else set()
-        self._partitions: PartitionCache | None = None
-        self._next_metadata_try = 0.0
-        self._replay_inflight: set[int] = set()
-        self._unreported: dict[str, EncodedBatch] = {}
-        self._replay_after = 0.0
-        self._holding = False
-        waiting_events, spooled_events = self._spool.counts()
-        self._spool_pending = spooled_events  # events in spooled batches, kept in memory
-        # Events a durable emitter accepted but had not cut into batches before it stopped:
-        # batched and sent by this emitter too, even when it is not durable itself.
-        self._adopt_events = waiting_events > 0
-        self._counts = {"drained": 0, "delivered": 0, "spooled": 0, "replayed": 0, "rejected": 0}
+        self._delivery = Delivery(config, transport, self._spool, self._buffer,
+                                  durable=self._durable)
+        self._rejected = 0
         self._durable_emitted = 0
         self._count_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._wake = self._delivery.wake
+        self._stop = self._delivery.stopping
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="meterline-emitter", daemon=True)
-        self._thread.start()
+        self._delivery.start()
         _live_emitters.add(self)
 
     # -- hot path ---------------------------------------------------------------------
@@ -242,7 +224,7 @@ class Emitter:
 
     def _count_rejected(self) -> None:
         with self._count_lock:
-            self._counts["rejected"] += 1
+            self._rejected += 1
 
     def _learn_meter(self, meter: object) -> None:
         try:
@@ -316,7 +298,7 @@ class Emitter:
         settled = 0
         while True:
             self._wake.set()
-            if self._drained():
+            if self._delivery.drained():
                 settled += 1
                 if settled >= 2:  # twice in a row: no callback was mid-flight between checks
                     return True
@@ -324,8 +306,8 @@ class Emitter:
                 settled = 0
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            if not self._thread.is_alive():
-                return self._drained()
+            if not self._delivery.alive():
+                return self._delivery.drained()
             time.sleep(0.005)
 
     async def aflush(self, timeout: float | None = 30.0) -> bool:
@@ -335,25 +317,21 @@ class Emitter:
         return await asyncio.to_thread(self.flush, timeout)
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Flush, then stop the background thread. Whatever Kafka did not acknowledge in
-        time is written to the spool and replayed by the next emitter on this spool."""
+        """Flush, then stop the background thread. True when Kafka acknowledged every event.
+
+        What Kafka did not acknowledge in time is written to the spool and replayed by the
+        next emitter on this ``spool_dir``: counted in ``stats().undelivered_at_close`` and
+        logged as a warning. Events that could not even be spooled (the disk failed too) are
+        counted in ``stats().lost`` as well and logged as an error.
+        """
         if self._closed:
             return True
         delivered = self.flush(timeout)
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=max(1.0, timeout))
-        # Anything still in memory goes to disk: close() must not lose events.
-        self._spool_leftovers()
-        self._transport.close(min(timeout, 5.0))
-        unreported = list(self._unreported.values())
-        self._unreported.clear()
-        if unreported:
-            self._to_spool(unreported)
+        undelivered = self._delivery.stop(timeout)
         self._closed = True
         self._spool.close()
         _live_emitters.discard(self)
-        return delivered
+        return delivered and undelivered == 0
 
     def __enter__(self) -> Emitter:
         return self
@@ -362,226 +340,29 @@ class Emitter:
         self.close()
 
     def stats(self) -> EmitterStats:
+        d = self._delivery.counts()
+        errors = self._delivery.failures.counts()
         with self._count_lock:
-            c = dict(self._counts)
+            rejected = self._rejected
             durable_emitted = self._durable_emitted
         buffered = len(self._buffer)
-        emitted = durable_emitted if self._durable else c["drained"] + buffered
         return EmitterStats(
-            emitted=emitted,
-            delivered=c["delivered"],
-            spooled=c["spooled"],
-            replayed=c["replayed"],
-            rejected=c["rejected"],
+            emitted=durable_emitted if self._durable else d["drained"] + buffered,
+            delivered=d["delivered"],
+            spooled=d["spooled"],
+            replayed=d["replayed"],
+            rejected=rejected,
             buffered=buffered,
-            pending_in_spool=self._spool_pending,
+            pending_in_spool=d["pending_in_spool"],
+            held=d["held"],
+            errors=sum(errors.values()),
+            errors_by_cause=errors,
+            lost=d["lost"],
+            undelivered_at_close=d["undelivered_at_close"],
+            partition_count_changes=d["partition_count_changes"],
         )
 
-    # -- background thread --------------------------------------------------------------
-    def _drained(self) -> bool:
-        if self._buffer or self._holding or self._transport.in_flight() or self._spool_pending:
-            return False
-        if self._durable or self._adopt_events:
-            events, batched = self._spool.counts()
-            return events == 0 and batched == 0
-        return True
 
-    def _run(self) -> None:
-        linger_s = self.config.linger_ms / 1000
-        while not self._stop.is_set():
-            try:
-                self._cycle()
-            except Exception as exc:  # keep the thread alive; report, never swallow
-                self._report(exc)
-                time.sleep(0.1)
-            if self._transport.in_flight():
-                self._transport.poll(min(linger_s, 0.01) if self._wake.is_set() else linger_s)
-            else:
-                self._wake.wait(linger_s)
-            self._wake.clear()
-
-    def _cycle(self) -> None:
-        self._transport.poll(0)
-        self._refresh_partitions()
-        if self._durable or self._adopt_events:
-            self._batch_durable_events()
-        if not self._durable:
-            self._send_buffered()
-        self._replay()
-
-    def _refresh_partitions(self) -> None:
-        if self._partitions is not None or time.monotonic() < self._next_metadata_try:
-            return
-        count = self._transport.partition_count(self.config.topic, 1.0)
-        if count:
-            self._partitions = PartitionCache(count)
-        else:
-            self._next_metadata_try = time.monotonic() + _METADATA_RETRY_S
-
-    def _take_buffered(self) -> list[Item]:
-        buffer = self._buffer
-        n = len(buffer)
-        popleft = buffer.popleft
-        # Fast-path tuples (customer, meter, units, seconds) stay short; build_batches
-        # scales them column-wise, which is far cheaper than rebuilding each tuple here.
-        return [popleft() for _ in range(n)]
-
-    def _build(self, items: list[Item]) -> list[EncodedBatch]:
-        return build_batches(
-            items,
-            self._partitions,
-            max_events=self.config.batch_max_events,
-            max_bytes=self.config.batch_max_bytes,
-            source=self.config.source,
-            now_ms=_time_ns() // 1_000_000,
-        )
-
-    def _send_buffered(self) -> None:
-        self._holding = True
-        try:
-            items = self._take_buffered()
-            if not items:
-                return
-            with self._count_lock:
-                self._counts["drained"] += len(items)
-            batches = self._build(items)
-            # Go straight to Kafka only when nothing older waits in the spool, the
-            # partition count is known and the broker is not known to be down.
-            direct = (
-                self._spool_pending == 0
-                and self._partitions is not None
-                and not getattr(self._transport, "broker_down", _NEVER).is_set()
-            )
-            for i, batch in enumerate(batches):
-                if not direct:
-                    self._to_spool(batches[i:])
-                    return
-                try:
-                    assert batch.partition is not None
-                    self._transport.send(
-                        self.config.topic, batch.partition, batch.payload, self._direct_done(batch)
-                    )
-                except Backpressure:
-                    self._unreported.pop(batch.batch_id, None)  # never reached librdkafka
-                    direct = False
-                    self._to_spool(batches[i:])
-                    return
-        finally:
-            self._holding = False
-
-    def _direct_done(self, batch: EncodedBatch) -> Any:
-        # Remember the batch until librdkafka reports on it: if close() gives up waiting
-        # (broker away), the unreported batches are spooled instead of vanishing with the
-        # producer. A batch that Kafka did store meanwhile is resent with the same ids.
-        self._unreported[batch.batch_id] = batch
-
-        def done(err: BaseException | None) -> None:
-            if self._unreported.pop(batch.batch_id, None) is None:
-                return  # already spooled by close(); the replay will deliver it
-            if err is None:
-                with self._count_lock:
-                    self._counts["delivered"] += batch.count
-            else:
-                self._to_spool([batch])
-                self._report(err)
-
-        return done
-
-    def _to_spool(self, batches: list[EncodedBatch]) -> None:
-        self._spool.append_batches(batches)
-        n = sum(b.count for b in batches)
-        self._spool_pending += n
-        with self._count_lock:
-            self._counts["spooled"] += n
-
-    def _batch_durable_events(self) -> None:
-        # Bounded per cycle so replay gets its turn; the loop comes back within linger.
-        for _ in range(8):
-            up_to, items = self._spool.take_events(self.config.batch_max_events * 8)
-            if not items:
-                self._adopt_events = False
-                return
-            batches = self._build(items)
-            self._spool.seal_events(up_to, batches)
-            n = sum(b.count for b in batches)
-            self._spool_pending += n
-            with self._count_lock:
-                self._counts["spooled"] += n
-
-    def _replay(self) -> None:
-        if self._spool_pending == 0 or time.monotonic() < self._replay_after:
-            return
-        room = self.config.replay_in_flight - len(self._replay_inflight)
-        if room <= 0:
-            return
-        rows = self._spool.oldest_batches(room + len(self._replay_inflight))
-        for row in rows:
-            if row.seq in self._replay_inflight:
-                continue
-            if row.batch.partition is None:
-                if self._partitions is None:
-                    return  # cannot split yet; metadata refresh will retry
-                self._split_spooled(row)
-                return  # the parts replace it; pick them up next cycle, in order
-            try:
-                self._transport.send(
-                    self.config.topic, row.batch.partition, row.batch.payload,
-                    self._replay_done(row),
-                )
-            except Backpressure:
-                self._replay_after = time.monotonic() + _REPLAY_BACKOFF_S / 10
-                return
-            self._replay_inflight.add(row.seq)
-            room -= 1
-            if room <= 0:
-                return
-
-    def _split_spooled(self, row: SpooledBatch) -> None:
-        assert self._partitions is not None
-        parent = decode_batch(row.batch.payload)
-        parts = [
-            EncodedBatch(part, sub.batch_id, len(sub), encode_batch(sub))
-            for part, sub in split_for_partitions(parent, self._partitions)
-        ]
-        self._spool.replace_batch(row.seq, parts)
-
-    def _replay_done(self, row: SpooledBatch) -> Any:
-        def done(err: BaseException | None) -> None:
-            self._replay_inflight.discard(row.seq)
-            if err is None:
-                self._spool.delete_batch(row.seq)
-                self._spool_pending -= row.batch.count
-                with self._count_lock:
-                    self._counts["delivered"] += row.batch.count
-                    self._counts["replayed"] += row.batch.count
-            else:
-                self._replay_after = time.monotonic() + _REPLAY_BACKOFF_S
-                self._report(err)
-
-        return done
-
-    def _spool_leftovers(self) -> None:
-        if self._durable:
-            return  # every event already is on disk
-        items = self._take_buffered()
-        if items:
-            with self._count_lock:
-                self._counts["drained"] += len(items)
-            self._to_spool(self._build(items))
-
-    def _report(self, err: BaseException) -> None:
-        hook = self.config.on_error
-        if hook is not None:
-            with contextlib.suppress(Exception):  # a broken hook must not kill delivery
-                hook(err)
-
-
-class _Never:
-    def is_set(self) -> bool:
-        return False
-
-
-_NEVER = _Never()
 _live_emitters: weakref.WeakSet[Emitter] = weakref.WeakSet()
 
 

@@ -87,6 +87,25 @@ class Spool:
                 row,
             )
 
+    def append_events(self, items: Sequence[Item]) -> None:
+        """Many events in one transaction: all of them are stored, or none."""
+        rows = [
+            (c, m, _q_to_db(q), ts, orjson.dumps(d) if d else None, eid, src)
+            for c, m, q, ts, d, eid, src in items
+        ]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO events(customer, meter, quantity, timestamp_ms, dimensions, "
+                    "id, source) VALUES (?,?,?,?,?,?,?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def take_events(self, limit: int) -> tuple[int, list[Item]]:
         """Oldest events not yet batched: (highest seq taken, items)."""
         with self._lock:

@@ -136,13 +136,20 @@ class MemoryTransport:
             self._delivering += len(pending)
         # A record counts as in flight until its callback returned (as in librdkafka), so
         # flush() cannot see "nothing in flight" while a failed batch is being spooled.
-        for partition, payload, on_done in pending:
+        for i, (partition, payload, on_done) in enumerate(pending):
             try:
                 if self.fail:
                     on_done(DeliveryError("memory transport is down"))
                 else:
                     self.records.append((partition, payload))
                     on_done(None)
+            except BaseException:
+                # As confluent-kafka: an exception from a callback ends this poll() and
+                # propagates from it; the reports not served yet stay queued.
+                with self._lock:
+                    self._pending[:0] = pending[i + 1 :]
+                    self._delivering -= len(pending) - i - 1
+                raise
             finally:
                 with self._lock:
                     self._delivering -= 1
