@@ -28,6 +28,35 @@ class EncodedBatch:
     payload: bytes
 
 
+class Sequencer:
+    """Batch numbers per partition under one producer id: 0, 1, 2, ... for each partition.
+
+    The rollup stage remembers what it saw of a producer as runs of consecutive numbers
+    (O(producers) state, ``meterline.core.dedupe.SequenceDeduper``), so numbers must not be
+    skipped: one is *taken* only when its batch is final (after any halving), and a build
+    that fails gives back every number it took (:meth:`mark` / :meth:`rewind`). A batch is
+    encoded once and resent as those bytes, so a resend always carries its own number.
+    """
+
+    def __init__(self, producer: str | None = None) -> None:
+        self.producer = producer or new_id()
+        self._next: dict[int, int] = {}
+
+    def peek(self, partition: int) -> int:
+        return self._next.get(partition, 0)
+
+    def take(self, partition: int) -> int:
+        seq = self._next.get(partition, 0)
+        self._next[partition] = seq + 1
+        return seq
+
+    def mark(self) -> dict[int, int]:
+        return dict(self._next)
+
+    def rewind(self, mark: dict[int, int]) -> None:
+        self._next = dict(mark)
+
+
 class PartitionCache(dict[str, int]):
     """customer -> partition, computed once per customer (murmur2 is ~1 us in Python)."""
 
@@ -49,9 +78,11 @@ def build_batches(
     source: str | None,
     now_ms: int,
     make_id: Callable[[int], str] = new_id,
+    sequencer: Sequencer | None = None,
 ) -> list[EncodedBatch]:
     """Group items by partition (keeping emit order inside a partition), cut them into
-    batches of at most ``max_events`` events and ``max_bytes`` encoded bytes."""
+    batches of at most ``max_events`` events and ``max_bytes`` encoded bytes. With a
+    ``sequencer``, batches of a known partition carry its producer id and their number."""
     if partitions is None or partitions.partitions == 1:
         groups: dict[int | None, list[Item | FastItem]] = {
             None if partitions is None else 0: list(items)
@@ -67,10 +98,16 @@ def build_batches(
             else:
                 group.append(item)
     out: list[EncodedBatch] = []
-    for part, group in groups.items():
-        for start in range(0, len(group), max_events):
-            _encode_into(out, part, group[start : start + max_events], max_bytes, source, now_ms,
-                         make_id)
+    mark = sequencer.mark() if sequencer is not None else None
+    try:
+        for part, group in groups.items():
+            for start in range(0, len(group), max_events):
+                _encode_into(out, part, group[start : start + max_events], max_bytes, source,
+                             now_ms, make_id, sequencer)
+    except BaseException:
+        if sequencer is not None and mark is not None:
+            sequencer.rewind(mark)  # the caller retries these items: no number is skipped
+        raise
     return out
 
 
@@ -82,7 +119,11 @@ def _encode_into(
     source: str | None,
     now_ms: int,
     make_id: Callable[[int], str],
+    sequencer: Sequencer | None = None,
 ) -> None:
+    stamped = sequencer is not None and part is not None
+    producer = sequencer.producer if sequencer is not None and part is not None else None
+    seq = sequencer.peek(part) if sequencer is not None and part is not None else None
     if set(map(len, chunk)) == {4}:
         # Only fast-path items: transpose, then scale whole columns at once.
         customers, meters, units, seconds = zip(*chunk, strict=True)
@@ -94,6 +135,8 @@ def _encode_into(
             quantities=[u * SCALE for u in units],
             timestamps_ms=[int(t * 1000) for t in seconds],
             source=source,
+            producer=producer,
+            seq=seq,
         )
     else:
         full = [it if len(it) == 7 else _widen(it) for it in chunk]
@@ -109,15 +152,20 @@ def _encode_into(
             dimensions=list(dims),
             sources=list(sources),
             source=source,
+            producer=producer,
+            seq=seq,
         )
     payload = encode_batch(batch)
     if len(payload) > max_bytes and len(chunk) > 1:
         # Too big for one Kafka record: halve until it fits. Halving keeps every event and
         # the order; each half gets its own batch id.
         mid = len(chunk) // 2
-        _encode_into(out, part, chunk[:mid], max_bytes, source, now_ms, make_id)
-        _encode_into(out, part, chunk[mid:], max_bytes, source, now_ms, make_id)
+        _encode_into(out, part, chunk[:mid], max_bytes, source, now_ms, make_id, sequencer)
+        _encode_into(out, part, chunk[mid:], max_bytes, source, now_ms, make_id, sequencer)
         return
+    if stamped:
+        assert sequencer is not None and part is not None
+        sequencer.take(part)  # final: this number is this batch's for good
     out.append(EncodedBatch(part, batch.batch_id, len(chunk), payload))
 
 

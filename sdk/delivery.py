@@ -28,6 +28,7 @@ from meterline.core.envelope import decode_batch, encode_batch
 from meterline.sdk.batching import (
     EncodedBatch,
     Item,
+    Sequencer,
     build_batches,
     full_item,
     split_for_partitions,
@@ -66,6 +67,8 @@ class Delivery:
         durable: bool,
     ) -> None:
         self.config = config
+        # This emitter's producer id and batch numbers (see batching.Sequencer).
+        self._sequencer = Sequencer()
         self._transport = transport
         self._spool = spool
         self._buffer = buffer
@@ -224,6 +227,7 @@ class Delivery:
             max_bytes=self.config.batch_max_bytes,
             source=self.config.source,
             now_ms=_time_ns() // 1_000_000,
+            sequencer=self._sequencer,
         )
 
     def _back_off(self) -> float:

@@ -13,6 +13,7 @@ from meterline.sdk.batching import (
     EncodedBatch,
     Item,
     PartitionCache,
+    Sequencer,
     build_batches,
     split_for_partitions,
 )
@@ -164,3 +165,45 @@ def test_split_preserves_every_event() -> None:
     assert f"{parent.batch_id}-1" in by_id
     assert sum(len(sub) for _, sub in parts) == len(parent)
     assert sum(q for _, sub in parts for q in sub.quantities) == sum(parent.quantities)
+
+
+def _numbers(out: list[EncodedBatch]) -> dict[int, list[int]]:
+    by_part: dict[int, list[int]] = {}
+    for eb in out:
+        batch = decode_batch(eb.payload)
+        assert batch.producer == "P1" and eb.partition is not None
+        by_part.setdefault(eb.partition, []).append(batch.seq or 0)
+    return by_part
+
+
+def test_batches_are_numbered_per_partition_without_gaps() -> None:
+    seq = Sequencer("P1")
+    customers = [f"c{i}" for i in range(40)]
+    first = build([item(c) for c in customers], 4, max_events=3, sequencer=seq)
+    second = build([item(c) for c in customers], 4, max_events=3, sequencer=seq)
+    got = _numbers(first + second)
+    assert set(got) == {partition_for(c, 4) for c in customers}
+    for numbers in got.values():
+        assert numbers == list(range(len(numbers)))  # 0, 1, 2, ... across builds
+
+
+def test_halving_takes_numbers_only_for_final_batches() -> None:
+    seq = Sequencer("P1")
+    items = [item("c", dims={"blob": "x" * 200}, id=f"e{i}") for i in range(64)]
+    out = build(items, 1, max_bytes=3_000, sequencer=seq)
+    assert _numbers(out) == {0: list(range(len(out)))}
+
+
+def test_a_failed_build_gives_its_numbers_back() -> None:
+    seq = Sequencer("P1")
+    build([item("a"), item("b")], 4, sequencer=seq)
+    before = seq.mark()
+    bad: list[Item] = [item("a"), ("b", "api_calls", 1, TS, {"k": object()}, None, None)]  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        build(bad, 4, sequencer=seq)
+    assert seq.mark() == before
+
+
+def test_unpartitioned_batches_carry_no_numbers() -> None:
+    out = build([item("a")], None, sequencer=Sequencer("P1"))
+    assert decode_batch(out[0].payload).producer is None
