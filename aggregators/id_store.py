@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+
+from meterline.core.dedupe import InMemoryDeduper
 
 __all__ = ["IdEntry", "IdStore", "MemoryIdStore", "SqliteIdStore", "decode_delta", "encode_delta"]
 
@@ -84,43 +85,37 @@ class IdStore:
 
 
 class MemoryIdStore(IdStore):
-    """Dict + first-seen deque (the old in-memory deduper, with offsets): tests, small
-    deployments."""
+    """The in-memory deduper of ``meterline.core.dedupe``, with offsets and deltas: tests,
+    small deployments."""
 
     def __init__(self, horizon_ms: int) -> None:
         super().__init__(horizon_ms)
-        self._seen: dict[str, int] = {}
-        self._order: deque[tuple[int, str]] = deque()
+        self._ids = InMemoryDeduper(horizon_ms)
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._ids)
 
     def seen_or_add(self, key: str, now_ms: int) -> bool:
         now = self._advance(now_ms)
-        self.expire(now)
-        if key in self._seen:
+        if self._ids.seen_or_add(key, now):
             return True
-        self._seen[key] = now
-        self._order.append((now, key))
         self._delta.append((key, now, self.offset))
         return False
 
     def expire(self, now_ms: int) -> int:
-        cutoff = self._advance(now_ms) - self.horizon_ms
-        order, seen, dropped = self._order, self._seen, 0
-        while order and order[0][0] <= cutoff:
-            del seen[order.popleft()[1]]
-            dropped += 1
-        return dropped
+        return self._ids.expire(self._advance(now_ms))
 
     def _insert(self, entries: list[IdEntry]) -> None:
-        for key, first, _offset in sorted(entries, key=lambda e: e[1]):
-            if key not in self._seen:
-                self._seen[key] = first
-                self._order.append((first, key))
-
-    def close(self) -> None:
-        pass
+        # The later sighting of an id in two deltas wins, as in the SQLite store.
+        newest: dict[str, int] = {}
+        for key, first, _offset in entries:
+            newest[key] = max(first, newest.get(key, first))
+        clock, held = self._ids.export()
+        merged = {k: t for t, k in held}
+        for key, first in newest.items():
+            merged[key] = max(first, merged.get(key, first))
+        self._ids.restore(max(clock, self.now_ms),
+                          sorted((t, k) for k, t in merged.items()))
 
 
 # Expiry deletes by an index range; running it on every call would cost a query per id.
