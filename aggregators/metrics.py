@@ -44,7 +44,14 @@ class RollupCollector:
                                       labels=["kind"])
         records.add_metric(["processed"], totals.records)
         records.add_metric(["skipped_replay"], totals.skipped_records)
+        # Past the checkpoint's position: refused, then re-read after a seek. A steady rise
+        # outside rebalances means a consumer keeps running ahead of the state.
+        records.add_metric(["refused_gap"], totals.gap_records)
         yield records
+        yield CounterMetricFamily("meterline_rollup_absent_offsets",
+                                  "Offsets the log confirmed hold no record (transaction "
+                                  "markers, compaction), moved past",
+                                  value=totals.absent_offsets)
         yield CounterMetricFamily("meterline_rollup_flushes", "Flushes written", value=w.flushes)
         yield CounterMetricFamily("meterline_rollup_checkpoints", "Checkpoints saved",
                                   value=w.checkpoints)

@@ -42,3 +42,5 @@ def test_collector_exports_outcomes_reasons_and_windows() -> None:
     assert 'meterline_rollup_rejected_events_total{reason="event.unknown_meter"} 1.0' in text
     assert 'meterline_rollup_open_windows{partition="usage/0"} 2.0' in text
     assert "meterline_rollup_checkpoints_total 1.0" in text
+    assert 'meterline_rollup_records_total{kind="refused_gap"} 0.0' in text
+    assert "meterline_rollup_absent_offsets_total 0.0" in text
