@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency list changes (idempotent, uses pip's cache).
 STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka lint bench bench-e2e bench-rollups bench-state clean
+.PHONY: demo test install kafka prometheus lint bench bench-e2e bench-rollups bench-state clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: $(STAMP)
 kafka:
 	bash tools/kafka/fetch.sh
 
-test: $(STAMP) kafka
+# promtool + prometheus from Debian for the dashboard/alert tests (skips when present).
+prometheus:
+	bash tools/prometheus/install.sh
+
+test: $(STAMP) kafka prometheus
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: $(STAMP)

@@ -42,6 +42,10 @@ class KafkaLogProbe:
             }, logger=logging.getLogger("meterline.aggregators.log_probe"))
         return self._consumer
 
+    @property
+    def bootstrap_servers(self) -> str:
+        return self._bootstrap
+
     def log_start(self, tp: TopicPartition) -> int:
         from confluent_kafka import TopicPartition as KafkaTP
 
@@ -112,13 +116,13 @@ class LocalLogProbe:
     """The embedded local log: offsets start at 0, nothing is ever deleted."""
 
     def __init__(self, log: LocalLog) -> None:
-        self._log = log
+        self.log = log
 
     def log_start(self, tp: TopicPartition) -> int:
         return 0
 
     def first_offset(self, tp: TopicPartition, from_offset: int) -> int | None:
-        return from_offset if from_offset < self._log.end_offset(tp.partition) else None
+        return from_offset if from_offset < self.log.end_offset(tp.partition) else None
 
     def committed(self, group: str, tp: TopicPartition) -> int | None:
-        return self._log.committed(group, tp.partition) or None
+        return self.log.committed(group, tp.partition) or None

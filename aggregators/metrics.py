@@ -3,19 +3,47 @@
 The counters are activity metrics of this process: records replayed after a crash are
 counted again (the exact numbers are in ClickHouse). Alert on ``rejected``/``late`` rates
 (abusive or broken clients), on ``meterline_rollup_checkpoint_age_seconds`` (a stuck
-worker) and on consumer-group lag from the broker.
+worker) and on ``meterline_consumer_lag_records{stage="rollup"}`` (the group's committed
+offsets against the log end, for the partitions this worker owns; see
+``meterline.ingest.metrics.KafkaGroupLag``). dashboards/alerts.yml has the rules.
+
+``meterline_rollup_flush_seconds{writer}`` times each ``OutputWriter.write`` (outputs_io):
+how long making one flush durable takes, in ClickHouse or on the output topics.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from meterline.aggregators.log_probe import KafkaLogProbe, LocalLogProbe
+from meterline.ingest.metrics import (
+    DEFAULT_METRICS_ADDR,
+    KafkaGroupLag,
+    LagCollector,
+    LagSource,
+    LocalLogLag,
+    MetricsEndpoint,
+    histogram,
+    serve,
+)
 
 if TYPE_CHECKING:
     from meterline.aggregators.runner import RollupWorker
 
 OUTCOMES = ("accepted", "duplicate", "late", "late_allowed", "rejected")
+
+# A flush writes the windows changed since the last one: ~10 ms at steady load, up to a
+# few seconds after a backlog (FLUSH_COST_FACTOR in runner.py spaces those out), and the
+# Kafka writer waits for acks (60 s timeout). Buckets 5 ms .. 60 s, about x2.5 apart.
+FLUSH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
+                   60.0)
+FLUSH_SECONDS = histogram(
+    "meterline_rollup_flush_seconds",
+    "Duration of writing one rollup flush (window totals, late events, dead letters)",
+    ["writer"], FLUSH_BUCKETS_S)
 
 
 class RollupCollector:
@@ -65,8 +93,36 @@ class RollupCollector:
         yield windows
 
 
-def serve_metrics(worker: RollupWorker, port: int, addr: str = "0.0.0.0") -> None:
-    from prometheus_client import REGISTRY, start_http_server
+def worker_lag(worker: RollupWorker) -> LagSource | None:
+    """The lag of the partitions ``worker`` owns, from what its log probe reads.
 
-    REGISTRY.register(RollupCollector(worker))
-    start_http_server(port, addr)
+    The two known probes say where they read from (``KafkaLogProbe.bootstrap_servers``,
+    ``LocalLogProbe.log``). None when the worker has no probe it knows: then no lag is
+    exported by this process.
+    """
+    probe = worker.probe
+
+    def owned_partitions() -> list[tuple[str, int]]:
+        return [(tp.topic, tp.partition) for tp in list(worker.processors)]
+
+    if isinstance(probe, KafkaLogProbe):
+        return KafkaGroupLag(probe.bootstrap_servers, worker.group, [], stage="rollup",
+                             partitions=owned_partitions)
+    if isinstance(probe, LocalLogProbe):
+        return LocalLogLag(probe.log, worker.group, stage="rollup", partitions=owned_partitions)
+    return None
+
+
+def serve_metrics(worker: RollupWorker, port: int, addr: str | None = None, *,
+                  lag: LagSource | None = None, registry: Any = None) -> Any:
+    """Serve the worker's counters, its partitions' consumer lag and the process-wide
+    histograms on ``addr:port`` (``addr`` default: ``METERLINE_METRICS_ADDR``, else
+    loopback). Returns prometheus-client's (server, thread)."""
+    endpoint = MetricsEndpoint(
+        addr or os.environ.get("METERLINE_METRICS_ADDR", "").strip() or DEFAULT_METRICS_ADDR,
+        port)
+    lag = lag or worker_lag(worker)
+    collectors: list[Any] = [RollupCollector(worker)]
+    if lag is not None:
+        collectors.append(LagCollector([lag]))
+    return serve(collectors, endpoint, registry)

@@ -10,6 +10,10 @@ their flushes to three topics and ``OutputLoader`` (``meterline load-rollups``) 
 
 Both hops are at-least-once and every record is idempotent in its table, so the pair is
 exactly-once end to end. The loader commits offsets only after the insert returned.
+
+Metrics: both writers time each flush (``meterline_rollup_flush_seconds{writer}``), every
+ClickHouse insert is timed per table (``TimedStorage``), and ``meterline load-rollups``
+serves its throughput and consumer lag when ``METERLINE_METRICS_PORT`` is set.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 
 import orjson
 
+from meterline.aggregators.metrics import FLUSH_SECONDS
 from meterline.core.outputs import DeadLetterRecord, Flush, LateRecord, RollupRecord
+from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 
 __all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics",
@@ -37,16 +43,25 @@ def output_topics(usage_topic: str) -> dict[str, str]:
 
 
 class StorageWriter:
-    """Writes a flush into ClickHouse in this process (embedded runner, the loader)."""
+    """Writes a flush into ClickHouse in this process (embedded runner, the loader).
 
-    def __init__(self, storage: Any, *, database: str | None = None) -> None:
-        self._storage = storage
+    ``observe_flushes``: time each write as a rollup flush (the embedded runner's writer);
+    the output loader's writes are loads, not flushes, and only their inserts are timed.
+    """
+
+    def __init__(self, storage: Any, *, database: str | None = None,
+                 observe_flushes: bool = True) -> None:
+        self._storage = TimedStorage(storage)
         self._database = database
+        self._flush_seconds = FLUSH_SECONDS.labels("clickhouse") if observe_flushes else None
 
     def write(self, flush: Flush) -> None:
         from meterline.sinks.rollups import write_flush
 
+        started = time.perf_counter()
         write_flush(self._storage, flush, database=self._database)
+        if self._flush_seconds is not None:
+            self._flush_seconds.observe(time.perf_counter() - started)
 
 
 class KafkaOutputWriter:
@@ -69,6 +84,7 @@ class KafkaOutputWriter:
         conf.update(extra)
         self._producer = Producer(conf, logger=logging.getLogger("meterline.outputs.kafka"))
         self._errors: list[str] = []
+        self._flush_seconds = FLUSH_SECONDS.labels("kafka")
 
     def _report(self, err: Any, msg: Any) -> None:
         if err is not None:
@@ -84,6 +100,7 @@ class KafkaOutputWriter:
                 self._producer.poll(0.1)
 
     def write(self, flush: Flush) -> None:
+        started = time.perf_counter()
         rollups = self.topics["rollups"]
         for i in range(0, len(flush.rollups), CHUNK):
             chunk = flush.rollups[i:i + CHUNK]
@@ -99,6 +116,7 @@ class KafkaOutputWriter:
             errors, self._errors = self._errors, []
             # The caller must not checkpoint: the flush is re-derived after a restart.
             raise RuntimeError(f"output write failed ({remaining} undelivered): {errors[:5]}")
+        self._flush_seconds.observe(time.perf_counter() - started)
 
     def close(self) -> None:
         self._producer.flush(self._timeout_s)
@@ -126,7 +144,7 @@ class OutputLoader:
 
     def __init__(self, storage: Any, source: RecordSource, *, max_records: int = 500,
                  database: str | None = None) -> None:
-        self._writer = StorageWriter(storage, database=database)
+        self._writer = StorageWriter(storage, database=database, observe_flushes=False)
         self._source = source
         self._max_records = max_records
         self.records = 0
@@ -148,6 +166,10 @@ class OutputLoader:
         self.rows += len(flush)
         return len(records)
 
+    def totals(self) -> LoaderTotals:
+        """For ``meterline_loader_*{loader="rollups"}`` (read from the scrape thread)."""
+        return LoaderTotals(self.records, self.rows, {})
+
     def run(self, *, until_idle_s: float | None = None, stop: Callable[[], bool] | None = None,
             ) -> int:
         idle_since = time.monotonic()
@@ -161,22 +183,34 @@ class OutputLoader:
 
 def run_kafka_output_loader(config: Any, *, until_idle_s: float | None = None) -> int:
     """`meterline load-rollups`: output topics -> the configured ClickHouse."""
+    from meterline.ingest.metrics import (
+        KafkaGroupLag,
+        LagCollector,
+        LoaderCollector,
+        metrics_endpoint,
+        serve,
+    )
     from meterline.ingest.sources import KafkaSource
     from meterline.sinks.schema import migrate
     from meterline.sinks.storage import open_storage
 
+    endpoint = metrics_endpoint()
+    topics = list(output_topics(config.kafka.topic).values())
+    group = f"{config.kafka.group_id}-output-loader"
     storage = open_storage(config.storage_config())
-    source = KafkaSource(config.kafka.bootstrap_servers,
-                         list(output_topics(config.kafka.topic).values()),
-                         f"{config.kafka.group_id}-output-loader")
+    source = KafkaSource(config.kafka.bootstrap_servers, topics, group)
+    lag = KafkaGroupLag(config.kafka.bootstrap_servers, group, topics, stage="output_loader")
     try:
         migrate(storage, storage.database, config.retention_policy())
         loader = OutputLoader(storage, source)
+        if endpoint is not None:
+            serve([LoaderCollector("rollups", loader.totals), LagCollector([lag])], endpoint)
         rows = loader.run(until_idle_s=until_idle_s)
         print(f"loaded {rows} output rows from {loader.records} records"
               + (f"; {len(loader.problems)} unreadable" if loader.problems else ""))
         return rows
     finally:
+        lag.close()
         source.close()
         storage.close()
 

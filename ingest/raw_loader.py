@@ -4,6 +4,9 @@ The order is what makes it safe: rows are inserted first and the source offsets 
 committed after, so a crash in between re-reads the records and re-inserts the same rows,
 which ``raw_events`` collapses by event id. A poison record never stalls its partition: it
 becomes a dead letter with the decoder's reason and the stream moves on.
+
+Metrics: inserts are timed per table (``TimedStorage``); ``meterline load-raw`` serves the
+loader's throughput and its group's consumer lag when ``METERLINE_METRICS_PORT`` is set.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from meterline.core.envelope import decode_batch
 from meterline.core.errors import EnvelopeError
 from meterline.core.events import METER_NAME_RE
 from meterline.core.outputs import WHOLE_RECORD
+from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.sinks.raw_events import (
     DeadLetterColumns,
@@ -127,7 +131,7 @@ class RawEventLoader:
         max_records: int = 200,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
-        self._storage = storage
+        self._storage = TimedStorage(storage)
         self._source = source
         self._max_records = max_records
         self._clock_ms = clock_ms
@@ -148,6 +152,11 @@ class RawEventLoader:
             self.totals.add_reason(reason, n)
         return counters
 
+    def metric_totals(self) -> LoaderTotals:
+        """For ``meterline_loader_*{loader="raw"}`` (read from the scrape thread)."""
+        t = self.totals
+        return LoaderTotals(t.records, t.events, dict(t.by_reason))
+
     def run(self, *, until_idle_s: float | None = None,
             on_step: Callable[[LoadCounters], None] | None = None) -> LoadCounters:
         idle_since = time.monotonic()
@@ -163,18 +172,32 @@ class RawEventLoader:
 
 def run_kafka_loader(config: Any, *, until_idle_s: float | None = None) -> LoadCounters:
     """`meterline load-raw`: the raw-events stage against Kafka and the configured storage."""
+    from meterline.ingest.metrics import (
+        KafkaGroupLag,
+        LagCollector,
+        LoaderCollector,
+        metrics_endpoint,
+        serve,
+    )
     from meterline.ingest.sources import KafkaSource
     from meterline.sinks.schema import migrate
     from meterline.sinks.storage import open_storage
 
+    endpoint = metrics_endpoint()
+    kafka = config.kafka
     storage = open_storage(config.storage_config())
-    source = KafkaSource(config.kafka.bootstrap_servers, config.kafka.topic, config.kafka.group_id)
+    source = KafkaSource(kafka.bootstrap_servers, kafka.topic, kafka.group_id)
+    lag = KafkaGroupLag(kafka.bootstrap_servers, kafka.group_id, [kafka.topic], stage="raw")
     try:
         migrate(storage, storage.database, config.retention_policy())
-        totals = RawEventLoader(storage, source).run(until_idle_s=until_idle_s)
+        loader = RawEventLoader(storage, source)
+        if endpoint is not None:
+            serve([LoaderCollector("raw", loader.metric_totals), LagCollector([lag])], endpoint)
+        totals = loader.run(until_idle_s=until_idle_s)
         print(f"loaded {totals.events} events from {totals.records} records; "
               f"dead letters: {totals.dead_letters} {totals.by_reason or ''}")
         return totals
     finally:
+        lag.close()
         source.close()
         storage.close()

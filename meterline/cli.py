@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     load = sub.add_parser("load-raw", help="Kafka -> raw events in ClickHouse")
     load.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                       help="stop after this long without new records (default: run forever)")
+    _metrics_options(load)
 
     rollup = sub.add_parser("rollup-local",
                             help="embedded local log -> hourly/daily rollups (no Kafka)")
@@ -39,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     rollup.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                         help="stop after this long without new records (default: run forever)")
 
-    sub.add_parser("worker", help="Kafka usage topic -> hourly/daily rollups (Faust worker; "
-                   "outputs go to <topic>.rollups/.dead-letters/.late-events)")
+    worker = sub.add_parser("worker", help="Kafka usage topic -> hourly/daily rollups (Faust "
+                            "worker; outputs go to <topic>.rollups/.dead-letters/.late-events)")
+    _metrics_options(worker)
 
     load_rollups = sub.add_parser("load-rollups",
                                   help="the worker's output topics -> ClickHouse tables")
     load_rollups.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                               help="stop after this long without new records")
+    _metrics_options(load_rollups)
 
     usage = sub.add_parser("usage", help="print exact usage of one customer")
     usage.add_argument("customer")
@@ -63,10 +66,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus /metrics on this port "
+                             "(default: $METERLINE_METRICS_PORT; unset: not served)")
+    parser.add_argument("--metrics-addr", default=None, metavar="ADDR",
+                        help="address to serve /metrics on (default: $METERLINE_METRICS_ADDR, "
+                             "else 127.0.0.1; 0.0.0.0 to let other hosts scrape)")
+
+
+def _apply_metrics_options(args: argparse.Namespace) -> None:
+    # The stages read their metrics endpoint from the environment (the Faust worker is
+    # started through Faust's own command line), so the options set it for them.
+    import os
+
+    if getattr(args, "metrics_port", None) is not None:
+        os.environ["METERLINE_METRICS_PORT"] = str(args.metrics_port)
+    if getattr(args, "metrics_addr", None) is not None:
+        os.environ["METERLINE_METRICS_ADDR"] = args.metrics_addr
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from meterline.config import load_config
 
     config = load_config(args.config)
+    _apply_metrics_options(args)
     if args.command == "demo":
         from meterline.demo import run_demo
 
