@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from meterline.core.dedupe import InMemoryDeduper
@@ -67,14 +67,22 @@ class IdStore:
 
     def load(self, entries: Iterable[IdEntry], below_offset: int, now_ms: int) -> int:
         """Restore: keep entries first seen before ``below_offset`` and not expired at
-        ``now_ms``. Returns how many were kept."""
+        ``now_ms``. Streams: entries are consumed one by one. Returns how many were kept."""
         self._advance(now_ms)
         cutoff = self.now_ms - self.horizon_ms
-        kept = [e for e in entries if e[2] < below_offset and e[1] > cutoff]
-        self._insert(kept)
-        return len(kept)
+        kept = 0
 
-    def _insert(self, entries: list[IdEntry]) -> None:
+        def keep() -> Iterator[IdEntry]:
+            nonlocal kept
+            for entry in entries:
+                if entry[2] < below_offset and entry[1] > cutoff:
+                    kept += 1
+                    yield entry
+
+        self._insert(keep())
+        return kept
+
+    def _insert(self, entries: Iterable[IdEntry]) -> None:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -105,7 +113,7 @@ class MemoryIdStore(IdStore):
     def expire(self, now_ms: int) -> int:
         return self._ids.expire(self._advance(now_ms))
 
-    def _insert(self, entries: list[IdEntry]) -> None:
+    def _insert(self, entries: Iterable[IdEntry]) -> None:
         # The later sighting of an id in two deltas wins, as in the SQLite store.
         newest: dict[str, int] = {}
         for key, first, _offset in entries:
@@ -117,6 +125,8 @@ class MemoryIdStore(IdStore):
         self._ids.restore(max(clock, self.now_ms),
                           sorted((t, k) for k, t in merged.items()))
 
+
+COMMIT_EVERY = 20_000  # writes per transaction of the scratch file (see SqliteIdStore._commit)
 
 # Expiry deletes by an index range; running it on every call would cost a query per id.
 # Ids expire at most this late, which only means a row lingers a minute longer on disk:
@@ -143,43 +153,52 @@ class SqliteIdStore(IdStore):
                          " WITHOUT ROWID")
         self._db.execute("CREATE INDEX ids_first ON ids (first_ms)")
         self._next_expire_ms = -(2**63)
-        self._count = 0
+        self._writes = 0
+        self._db.execute("BEGIN")
 
-    def __len__(self) -> int:
-        return self._count
+    def __len__(self) -> int:  # a scan: for metrics and tests, not the hot path
+        return int(self._db.execute("SELECT count(*) FROM ids").fetchone()[0])
 
     def seen_or_add(self, key: str, now_ms: int) -> bool:
         now = self._advance(now_ms)
         if now >= self._next_expire_ms:
             self.expire(now)
-        row = self._db.execute("SELECT first_ms FROM ids WHERE id=?", (key,)).fetchone()
-        if row is not None:
-            if row[0] > now - self.horizon_ms:
-                return True
-            self._db.execute("UPDATE ids SET first_ms=? WHERE id=?", (now, key))
-        else:
-            self._db.execute("INSERT INTO ids VALUES (?, ?)", (key, now))
-            self._count += 1
+        # One statement: insert a new id, or refresh one whose horizon has passed (not
+        # deleted yet: expiry is lazy); a row within its horizon is left alone (rowcount 0).
+        changed = self._db.execute(
+            "INSERT INTO ids VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET first_ms = ?2 "
+            "WHERE first_ms <= ?3", (key, now, now - self.horizon_ms)).rowcount
+        if not changed:
+            return True
         self._delta.append((key, now, self.offset))
+        self._writes += 1
+        if self._writes >= COMMIT_EVERY:
+            self._commit()
         return False
+
+    def _commit(self) -> None:
+        # The file is scratch (rebuilt from deltas on every restore), so one long
+        # transaction with no journal is fine; committing now and then only bounds the
+        # dirty pages SQLite keeps in memory. Per-statement commits cost ~15 us each.
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._writes = 0
 
     def expire(self, now_ms: int) -> int:
         cutoff = self._advance(now_ms) - self.horizon_ms
         dropped = self._db.execute("DELETE FROM ids WHERE first_ms <= ?", (cutoff,)).rowcount
-        self._count -= dropped
         self._next_expire_ms = self.now_ms + EXPIRE_EVERY_MS
         return dropped
 
-    def _insert(self, entries: list[IdEntry]) -> None:
-        self._db.execute("BEGIN")
+    def _insert(self, entries: Iterable[IdEntry]) -> None:
         for key, first, _offset in entries:
             # An id in two deltas (forgotten, then seen again): the later sighting counts.
             self._db.execute("INSERT INTO ids VALUES (?, ?) ON CONFLICT(id) DO UPDATE "
                              "SET first_ms=max(first_ms, excluded.first_ms)", (key, first))
-        self._db.execute("COMMIT")
-        self._count = self._db.execute("SELECT count(*) FROM ids").fetchone()[0]
+        self._commit()
 
     def close(self) -> None:
+        self._db.rollback()
         self._db.close()
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(str(self.path) + suffix).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -106,6 +106,15 @@ class Gap:
     offset: int
 
 
+def _decoded(deltas: dict[str, bytes], live: dict[str, int]) -> Iterator[list[IdEntry]]:
+    """Decode one delta at a time (a restore of 10 M ids never holds them all in memory)
+    and note each delta's newest id time for its later tombstone."""
+    for key, blob in deltas.items():
+        entries = decode_delta(blob)
+        live[key] = max((e[1] for e in entries), default=-(2**63))
+        yield entries
+
+
 class RollupWorker:
     def __init__(self, registry: MeterRegistry, writer: OutputWriter, store: CheckpointStore,
                  *, group: str, settings: RollupSettings | None = None,
@@ -169,16 +178,17 @@ class RollupWorker:
             blob = blobs.get(self._key(tp))
             prefix = self._delta_prefix(tp)
             deltas = {k: v for k, v in blobs.items() if k.startswith(prefix)}
-            decoded = {key: decode_delta(d) for key, d in deltas.items()}
-            self._deltas[tp] = {key: max((e[1] for e in entries), default=-(2**63))
-                                for key, entries in decoded.items()}
+            live = self._deltas[tp] = {}
             if blob is None:
+                # Deltas without a checkpoint belong to a lost state: delete them at the
+                # first checkpoint (the rebuild writes its own).
+                live.update(dict.fromkeys(deltas, -(2**63)))
                 proc = PartitionProcessor(tp.topic, tp.partition, self.registry, self.settings,
                                           ids=self._id_store(tp))
             else:
                 proc = PartitionProcessor.from_checkpoint(
                     blob, self.registry, self.settings, ids=self._id_store(tp),
-                    id_deltas=decoded.values())
+                    id_deltas=_decoded(deltas, live))
                 was = proc.source_partitions
                 if source_partitions is not None and was is not None and was != source_partitions:
                     raise PartitionCountChanged(
