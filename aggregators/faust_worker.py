@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 # How long a gap repair waits before seeking: Faust's delivery of the record that showed
 # the gap must have finished (microseconds), or it overwrites the seek's read offset.
 SEEK_SETTLE_S = 0.05
+# A partition with no delivery for this long is compared with its log end (see
+# check_stalled); a few seconds keeps the probe cheap and a stall short.
+STALL_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
     lock = asyncio.Lock()
     unacked: dict[TopicPartition, deque[Any]] = {}
     seeks: dict[TopicPartition, asyncio.Future[None]] = {}
+    delivered: dict[TopicPartition, float] = {}  # last delivery per partition (monotonic)
+    next_stall_check = [0.0]
     streams: list[Any] = []
     topic = app.topic(settings.topic, key_serializer="raw", value_serializer="raw")
 
@@ -227,6 +233,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             ts = m.timestamp
             record = SourceRecord(m.topic, m.partition, m.offset, event.value or b"",
                                   round(ts * 1000) if ts else -1)
+            delivered[TopicPartition(m.topic, m.partition)] = time.monotonic()
             async with lock:
                 await handle(event, record)
                 flush_due, checkpoint_due = worker.due()
@@ -241,6 +248,36 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             flush_due, checkpoint_due = worker.due()
             if flush_due or checkpoint_due:
                 await flush(checkpoint=checkpoint_due)
+        await check_stalled()
+
+    async def check_stalled() -> None:
+        """Records can stop arriving while a partition is behind its log end: Faust may
+        have positioned the consumer past the checkpoint (its committed offset can run
+        ahead: it counts offsets it skipped while delivering as done) and at the tail no
+        later record comes to show the gap. So a partition that has had no delivery for
+        ``STALL_S`` is compared with the log end, and sought back to its position."""
+        now = time.monotonic()
+        if now < next_stall_check[0]:
+            return
+        next_stall_check[0] = now + STALL_S / 2
+        quiet = [tp for tp in list(worker.processors)
+                 if now - delivered.setdefault(tp, now) >= STALL_S]
+        if not quiet:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            ends = await loop.run_in_executor(None, lambda: {tp: probe.end_offset(tp)
+                                                             for tp in quiet})
+        except Exception:  # the broker away, say: the next check asks again
+            log.warning("could not read log ends for the stall check", exc_info=True)
+            return
+        for tp, end in ends.items():
+            proc = worker.processors.get(tp)
+            if proc is not None and proc.next_offset < end:
+                log.info("%s[%d]: no records for %.0f s while at %d of %d; seeking", tp.topic,
+                         tp.partition, now - delivered[tp], proc.next_offset, end)
+                delivered[tp] = now
+                request_seek(tp)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
@@ -255,6 +292,7 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
                 worker.drop(mine)
             for tp in gone:
                 unacked.pop(tp, None)
+                delivered.pop(tp, None)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app: Any, assigned: Any, **kwargs: Any) -> None:

@@ -54,6 +54,15 @@ class KafkaLogProbe:
                                                           timeout=self._timeout_s)
             return int(low)
 
+    def end_offset(self, tp: TopicPartition) -> int:
+        """The offset the next record appended to ``tp`` will get (the high watermark)."""
+        from confluent_kafka import TopicPartition as KafkaTP
+
+        with self._lock:
+            _, high = self._reader().get_watermark_offsets(KafkaTP(tp.topic, tp.partition),
+                                                           timeout=self._timeout_s)
+            return int(high)
+
     def first_offset(self, tp: TopicPartition, from_offset: int) -> int | None:
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as KafkaTP

@@ -191,6 +191,31 @@ def lag(bootstrap: str, group: str, topics: list[str]) -> int:
         c.close()
 
 
+def checkpoint_lag(bootstrap: str, topic: str) -> int:
+    """Records not yet covered by the rollup checkpoints: what the workers have really
+    done (the committed offsets are only an indicator, see docs/rollups.md); -1 while the
+    broker cannot say."""
+    import zlib
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from meterline.aggregators.checkpoints import KafkaCheckpointStore, checkpoint_key
+
+    keys = {checkpoint_key(GROUP, topic, p): p for p in range(PARTITIONS)}
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "crash-test-probe"})
+    store = KafkaCheckpointStore(bootstrap, f"{topic}.checkpoints", timeout_s=10)
+    try:
+        blobs = store.load(keys)
+        done = {keys[k]: json.loads(zlib.decompress(b))["next_offset"] for k, b in blobs.items()}
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   - done.get(p, 0) for p in range(PARTITIONS))
+    except (KafkaException, TimeoutError, RuntimeError):
+        return -1
+    finally:
+        c.close()
+        store.close()
+
+
 def wait_progress(measure: Callable[[], int], done: Callable[[int], bool], what: str,
                   check: Callable[[], None] = lambda: None) -> int:
     """Poll ``measure`` until ``done(value)``; fail only when it stops changing for
@@ -270,7 +295,10 @@ def test_sdk_emitting_through_kills_rebalances_and_a_broker_restart_is_exact(
         assert emission.error is None, emission.error
         assert emission.stats.lost == 0 and emission.stats.rejected == 0, emission.stats
 
-        # Everything emitted is in Kafka now; the workers must catch up and commit it.
+        # Everything emitted is in Kafka now; the workers must catch up (checkpoints at
+        # the log end), and then their committed offsets must be there too.
+        wait_progress(lambda: checkpoint_lag(broker.bootstrap, topic), lambda n: n == 0,
+                      "the rollup checkpoints to reach the log end", procs.check_alive)
         wait_progress(lambda: lag(broker.bootstrap, GROUP, [topic]), lambda n: n == 0,
                       "the rollup group's committed lag to drain", procs.check_alive)
         wait_progress(lambda: lag(broker.bootstrap, LOADER_GROUP, outputs),
