@@ -47,7 +47,7 @@ PARTITIONS = 6
 GROUP = "meterline-rollups-crash"
 LOADER_GROUP = "meterline-raw-output-loader"  # [kafka] group_id + "-output-loader"
 STALL_S = 180.0  # a wait fails when its measure has not moved for this long
-SEED = int(os.environ.get("METERLINE_CRASH_SEED", random.randrange(1 << 30)))
+SEED = int(os.environ.get("METERLINE_CRASH_SEED") or random.randrange(1 << 30))
 
 
 class Procs:
