@@ -195,8 +195,18 @@ class KafkaCheckpointStore:
             parts = sorted(meta.topics[self.topic].partitions)
             ends = {}
             for p in parts:
-                _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p),
-                                                         timeout=self._timeout_s)
+                while True:
+                    try:
+                        _, high = consumer.get_watermark_offsets(
+                            TopicPartition(self.topic, p), timeout=self._timeout_s)
+                        break
+                    except KafkaException:
+                        # Right after a broker restart or a topic's creation the client may
+                        # not know the partition yet (_UNKNOWN_PARTITION): ask again until
+                        # the deadline rather than crash the worker's assignment.
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
                 if high > 0:
                     ends[p] = high
             if not ends:
