@@ -53,6 +53,7 @@ from meterline.aggregators.runner import (
 )
 from meterline.core.meters import MeterRegistry
 from meterline.ingest.sources import SourceRecord
+from meterline.logs import where
 
 __all__ = ["WorkerSettings", "build_app", "ensure_topics", "run_worker"]
 
@@ -144,11 +145,12 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
     streams: list[Any] = []
     topic = app.topic(settings.topic, key_serializer="raw", value_serializer="raw")
 
-    def fatal(code: int, message: str, *args: Any) -> None:
+    def fatal(code: int, message: str, *args: Any, record: SourceRecord | None = None) -> None:
         # The partition's state may hold part of a record, or events that must be counted
         # are missing: never flush or checkpoint it. Exit now; a restart replays from the
         # last checkpoint (or stops here again, loudly, until an operator acts).
-        log.critical(message, *args, exc_info=True)
+        context = {} if record is None else where(record.topic, record.partition, record.offset)
+        log.critical(message, *args, exc_info=True, extra=context)
         logging.shutdown()
         os._exit(code)
 
@@ -204,7 +206,8 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
                 await app.consumer.seek(FaustTP(tp.topic, tp.partition), proc.next_offset)
             except Exception:  # revoked meanwhile, say; a gap after this asks again
                 log.warning("seek of %s[%d] to %d failed", tp.topic, tp.partition,
-                            proc.next_offset, exc_info=True)
+                            proc.next_offset, exc_info=True,
+                            extra=where(tp.topic, tp.partition, proc.next_offset))
 
     async def handle(event: Any, record: SourceRecord) -> None:
         try:
@@ -217,10 +220,10 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
                     return  # not folded, not acked: it comes again after the seek
                 gap = worker.process(record)
         except LogGapError as exc:
-            fatal(78, "%s", exc)
+            fatal(78, "%s", exc, record=record)
         except Exception:
             fatal(70, "unexpected error processing %s[%d]@%d; exiting without flushing",
-                  record.topic, record.partition, record.offset)
+                  record.topic, record.partition, record.offset, record=record)
         if worker.owns(record):
             unacked.setdefault(TopicPartition(record.topic, record.partition),
                                deque()).append(event)
@@ -341,4 +344,10 @@ def run_worker(config: Any) -> None:
         from meterline.aggregators.metrics import serve_metrics
 
         serve_metrics(app.meterline_worker, int(port))
-    faust.Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()
+    # Faust re-configures logging when its worker starts: hand it ours (format, secret
+    # redaction) so `--log-format json` holds for the worker's own lines too.
+    from meterline.logs import logging_config
+
+    log_format = os.environ.get("METERLINE_LOG_FORMAT") or "text"
+    faust.Worker(app, loglevel="INFO", quiet=True,
+                 logging_config=logging_config(log_format, "INFO")).execute_from_commandline()

@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 from meterline.core.errors import MeterlineError
+from meterline.logs import configure_logging, redact
+from meterline.sinks.exceptions import SinkError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meterline", description="Exact usage metering.")
     parser.add_argument("--config", type=Path, help="meterline.toml (default: built-in defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log lines as text or JSON (default: $METERLINE_LOG_FORMAT, "
+                             "else text); errors carry topic, partition, offset, batch_id")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on embedded chDB")
@@ -55,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--meter")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format, logging.INFO if args.verbose else logging.WARNING)
     try:
         return _dispatch(args)
-    except MeterlineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (MeterlineError, SinkError) as exc:
+        # A clear one-line error, not a traceback: an unreachable server or a chDB
+        # directory in use is an operator's problem to fix, not a bug.
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -108,7 +114,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             applied = migrate(storage, storage.database, config.retention_policy())
         finally:
             storage.close()
-        print(f"schema up to date ({applied})")
+        # The statements themselves are for -v; a person wants to know what changed.
+        for sql in applied.statements:
+            logging.getLogger("meterline.migrate").info("applied: %s", sql.splitlines()[0])
+        done = len(applied.statements)
+        print(f"schema up to date in {storage.database} "
+              f"({done} statement{'s' if done != 1 else ''} applied)" if done
+              else f"schema up to date in {storage.database} (nothing to change)")
         return 0
     if args.command == "load-raw":
         from meterline.ingest.raw_loader import run_kafka_loader

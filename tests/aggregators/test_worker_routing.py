@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from meterline.aggregators.outputs_io import OutputLoader, output_topics
@@ -80,7 +81,8 @@ def test_late_too_late_and_invalid_events_are_routed(
            "METERLINE_TOPIC": topic, "METERLINE_ROLLUP_GROUP": group,
            "METERLINE_CHECKPOINT_INTERVAL_S": "0.5"}
     with open(tmp_path / "worker.log", "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "meterline.cli", "worker"], env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "meterline.cli", "--log-format", "json",
+                                   "worker"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -91,6 +93,10 @@ def test_late_too_late_and_invalid_events_are_routed(
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
+    # `--log-format json` holds for Faust's own lines too (it re-configures logging).
+    lines = (tmp_path / "worker.log").read_text().splitlines()
+    assert lines and all(line.startswith("{") and orjson.loads(line)["level"] for line in lines
+                         if line.strip()), lines[:20]
     source = KafkaSource(kafka_broker.bootstrap, list(output_topics(topic).values()),
                          f"{group}-loader")
     try:
