@@ -43,6 +43,7 @@ from meterline.aggregators.runner import OutputWriter, RollupWorker, TopicPartit
 from meterline.core.meters import MeterRegistry
 from meterline.ingest.local_log import LocalLog
 from meterline.ingest.sources import LocalLogRecordSource
+from meterline.sinks.retention import RetentionPolicy
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -222,17 +223,20 @@ def run_embedded_rollups(log: LocalLog, storage: Any, registry: MeterRegistry, *
                          until_idle_s: float | None = None,
                          on_step: Callable[[Step], None] | None = None,
                          stop: Callable[[], bool] | None = None,
-                         database: str | None = None, **options: Any) -> Counters:
+                         database: str | None = None,
+                         retention: RetentionPolicy | None = None, **options: Any) -> Counters:
     """The embedded rollup stage over ``log`` into ``storage`` (migrated by the caller).
 
-    ``options`` go to :class:`EmbeddedRollups` (``max_records``, ``flush_interval_s``,
-    ``checkpoint_interval_s``, ...)."""
+    ``retention``: the configured policy (rows past it become dead letters instead of
+    vanishing on insert). ``options`` go to :class:`EmbeddedRollups` (``max_records``,
+    ``flush_interval_s``, ``checkpoint_interval_s``, ...)."""
     store = SqliteCheckpointStore(checkpoint_path)
     try:
         checkpoint_path = Path(checkpoint_path)
         options.setdefault("id_store_dir",
                            checkpoint_path.with_name(checkpoint_path.name + ".ids"))
-        runner = EmbeddedRollups(log, StorageWriter(storage, database=database), store,
+        writer = StorageWriter(storage, database=database, retention=retention)
+        runner = EmbeddedRollups(log, writer, store,
                                  registry, group=group, settings=settings, **options)
         return runner.run(until_idle_s=until_idle_s, stop=stop, on_step=on_step)
     finally:
@@ -292,7 +296,8 @@ def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | Non
             counters = run_embedded_rollups(
                 local_log, storage, registry,
                 checkpoint_path=checkpoint_path or default_checkpoint_path(log_path),
-                group=group, until_idle_s=until_idle_s, stop=stop, database=storage.database)
+                group=group, until_idle_s=until_idle_s, stop=stop, database=storage.database,
+                retention=config.retention_policy())
     finally:
         local_log.close()
         storage.close()
@@ -321,6 +326,15 @@ def _dump(storage: Any, database: str, path: Path) -> None:
     tmp.replace(path)
 
 
+def _default_meters() -> Path:
+    # The demo meters ship as package data of ``meterline``. Read as data, not through
+    # meterline.config: an aggregator importing the composition root would point the
+    # layering arrow upwards.
+    from importlib.resources import files
+
+    return Path(str(files("meterline").joinpath("default_meters.toml")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meterline.aggregators.embedded",
@@ -338,13 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from meterline.config import DEFAULT_METERS
     from meterline.sinks.schema import migrate
     from meterline.sinks.storage import StorageConfig, open_storage
 
     if not args.log.exists():
         parser.error(f"no local log at {args.log}")
-    registry = MeterRegistry.load(args.meters or DEFAULT_METERS)
+    registry = MeterRegistry.load(args.meters or _default_meters())
     storage = open_storage(StorageConfig(data_dir=str(args.data_dir), database=args.database))
     local_log = LocalLog(args.log)
     try:

@@ -11,6 +11,12 @@ their flushes to three topics and ``OutputLoader`` (``meterline load-rollups``) 
 Both hops are at-least-once and every record is idempotent in its table, so the pair is
 exactly-once end to end. The loader commits offsets only after the insert returned.
 
+Nothing is skipped silently and nothing stalls: decoding ignores fields it does not know
+(a newer worker in a rolling upgrade), an item or record that cannot be decoded becomes a
+``load``-stage dead letter with its exact bytes and the reason, and a row its table cannot
+hold (or whose retention has passed) is refused row by row by ``write_flush``. Each is
+logged and counted (``meterline_loader_dead_letters_total{loader="rollups",reason}``).
+
 Metrics: both writers time each flush (``meterline_rollup_flush_seconds{writer}``), every
 ClickHouse insert is timed per table (``TimedStorage``), and ``meterline load-rollups``
 serves its throughput and consumer lag when ``METERLINE_METRICS_PORT`` is set.
@@ -26,9 +32,16 @@ from typing import Any
 import orjson
 
 from meterline.aggregators.metrics import FLUSH_SECONDS
-from meterline.core.outputs import DeadLetterRecord, Flush, LateRecord, RollupRecord
+from meterline.core.outputs import (
+    DeadLetterRecord,
+    Flush,
+    LateRecord,
+    RollupRecord,
+    record_dead_letter,
+)
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
+from meterline.sinks.retention import RetentionPolicy
 
 __all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics",
            "run_kafka_output_loader"]
@@ -47,19 +60,28 @@ class StorageWriter:
 
     ``observe_flushes``: time each write as a rollup flush (the embedded runner's writer);
     the output loader's writes are loads, not flushes, and only their inserts are timed.
+    ``retention``: the configured policy; rows past it are refused (dead letters) rather
+    than inserted and deleted unseen. ``refused`` counts refused rows by reason code.
     """
 
     def __init__(self, storage: Any, *, database: str | None = None,
-                 observe_flushes: bool = True) -> None:
+                 observe_flushes: bool = True, retention: RetentionPolicy | None = None,
+                 ) -> None:
         self._storage = TimedStorage(storage)
         self._database = database
+        self._retention = retention
         self._flush_seconds = FLUSH_SECONDS.labels("clickhouse") if observe_flushes else None
+        self.refused: dict[str, int] = {}
 
-    def write(self, flush: Flush) -> None:
+    def write(self, flush: Flush, refused: Sequence[DeadLetterRecord] = ()) -> None:
+        """``refused``: what the caller itself could not read, stored as stage ``load``."""
         from meterline.sinks.rollups import write_flush
 
         started = time.perf_counter()
-        write_flush(self._storage, flush, database=self._database)
+        counts = write_flush(self._storage, flush, database=self._database,
+                             retention=self._retention, refused=refused)
+        for reason, n in counts.refused_by_reason.items():
+            self.refused[reason] = self.refused.get(reason, 0) + n
         if self._flush_seconds is not None:
             self._flush_seconds.observe(time.perf_counter() - started)
 
@@ -102,10 +124,15 @@ class KafkaOutputWriter:
     def write(self, flush: Flush) -> None:
         started = time.perf_counter()
         rollups = self.topics["rollups"]
-        for i in range(0, len(flush.rollups), CHUNK):
-            chunk = flush.rollups[i:i + CHUNK]
-            self._send(rollups, f"{chunk[0].source}/{chunk[0].partition}",
-                       {"rollups": [r.to_dict() for r in chunk]})
+        # One source partition per chunk, so its rows stay in one partition of the topic
+        # (keyed by it), in order: the anomaly stage reads them per source partition.
+        runs: dict[tuple[str, int], list[RollupRecord]] = {}
+        for r in flush.rollups:
+            runs.setdefault((r.source, r.partition), []).append(r)
+        for (source, partition), rows in runs.items():
+            for i in range(0, len(rows), CHUNK):
+                self._send(rollups, f"{source}/{partition}",
+                           {"rollups": [r.to_dict() for r in rows[i:i + CHUNK]]})
         for d in flush.dead_letters:
             self._send(self.topics["dead_letters"], f"{d.source}/{d.partition}/{d.offset}",
                        {"dead_letters": [d.to_dict()]})
@@ -122,45 +149,93 @@ class KafkaOutputWriter:
         self._producer.flush(self._timeout_s)
 
 
-def decode_outputs(records: Sequence[SourceRecord]) -> tuple[Flush, list[str]]:
-    """Output-topic records -> one Flush. Unreadable records are reported, not raised:
-    only Meterline writes these topics, so one is a bug to look at, not data to lose
-    silently (the record stays in the topic)."""
-    flush, problems = Flush(), []
+_KINDS: tuple[tuple[str, Any, str], ...] = (
+    ("rollups", RollupRecord, "rollups"),
+    ("dead_letters", DeadLetterRecord, "dead_letters"),
+    ("late", LateRecord, "late"),
+)
+_MAX_REASON = 500
+
+
+def _received_ms(rec: SourceRecord) -> int:
+    return rec.timestamp_ms if rec.timestamp_ms >= 0 else time.time_ns() // 1_000_000
+
+
+def decode_outputs(records: Sequence[SourceRecord]
+                   ) -> tuple[Flush, list[DeadLetterRecord]]:
+    """Output-topic records -> one Flush, plus dead letters for what could not be decoded.
+    Never raises on content and never drops any.
+
+    Unknown fields are ignored (forward compatible). A record that is not a JSON object of
+    lists, and each item of one that cannot be decoded, becomes a dead letter (for stage
+    ``load``) with the record's exact bytes and the reason (``output.undecodable``); its
+    identity is the output record's own position (items: their index in the record), so a
+    replay collapses onto it.
+    """
+    flush, undecodable = Flush(), []
     for rec in records:
         try:
             doc = orjson.loads(rec.payload)
-            flush.rollups += [RollupRecord.from_dict(d) for d in doc.get("rollups", ())]
-            flush.dead_letters += [DeadLetterRecord.from_dict(d)
-                                   for d in doc.get("dead_letters", ())]
-            flush.late += [LateRecord.from_dict(d) for d in doc.get("late", ())]
-        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
-            problems.append(f"{rec.topic}[{rec.partition}]@{rec.offset}: {exc}")
-    return flush, problems
+            if type(doc) is not dict:
+                raise TypeError(f"top level is {type(doc).__name__}, not an object")
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            undecodable.append(record_dead_letter(
+                rec.topic, rec.partition, rec.offset, _received_ms(rec),
+                f"output.undecodable: {exc}"[:_MAX_REASON], rec.payload))
+            continue
+        position = 0
+        for key, cls, target in _KINDS:
+            items = doc.get(key, [])
+            if type(items) is not list:
+                items = [items]  # decoded below, and refused as one bad item
+            for item in items:
+                try:
+                    getattr(flush, target).append(cls.from_dict(item))
+                except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                    undecodable.append(record_dead_letter(
+                        rec.topic, rec.partition, rec.offset, _received_ms(rec),
+                        f"output.undecodable: {key}[{position}]: {exc}"[:_MAX_REASON],
+                        rec.payload, position=position))
+                position += 1
+    return flush, undecodable
 
 
 class OutputLoader:
-    """Output topics -> ClickHouse, committing after each insert."""
+    """Output topics -> ClickHouse, committing after each insert.
+
+    A poll's records land together; what cannot be decoded or stored goes to dead_letters
+    (logged, counted in ``dead_letters_by_reason``), never back into a retry loop.
+    """
 
     def __init__(self, storage: Any, source: RecordSource, *, max_records: int = 500,
-                 database: str | None = None) -> None:
-        self._writer = StorageWriter(storage, database=database, observe_flushes=False)
+                 database: str | None = None, retention: RetentionPolicy | None = None,
+                 ) -> None:
+        self._writer = StorageWriter(storage, database=database, observe_flushes=False,
+                                     retention=retention)
         self._source = source
         self._max_records = max_records
         self.records = 0
         self.rows = 0
-        self.problems: list[str] = []
+        self.undecodable: dict[str, int] = {}
+
+    @property
+    def dead_letters_by_reason(self) -> dict[str, int]:
+        """What this loader dead-lettered itself (not the worker's dead letters it loads):
+        the writer's count includes the undecodable records handed to it."""
+        return dict(self._writer.refused)
 
     def run_once(self, timeout_s: float = 0.2) -> int:
         records = self._source.poll_records(self._max_records, timeout_s)
         if not records:
             return 0
-        flush, problems = decode_outputs(records)
-        for p in problems:
-            log.error("unreadable output record %s", p)
-        self.problems += problems
-        if len(flush):
-            self._writer.write(flush)
+        flush, undecodable = decode_outputs(records)
+        for d in undecodable:
+            self.undecodable["output.undecodable"] = (
+                self.undecodable.get("output.undecodable", 0) + 1)
+            log.error("unreadable output record %s[%d]@%d (dead-lettered, stage load): %s",
+                      d.source, d.partition, d.offset, d.reason)
+        if len(flush) or undecodable:
+            self._writer.write(flush, undecodable)
         self._source.commit(records)
         self.records += len(records)
         self.rows += len(flush)
@@ -168,7 +243,7 @@ class OutputLoader:
 
     def totals(self) -> LoaderTotals:
         """For ``meterline_loader_*{loader="rollups"}`` (read from the scrape thread)."""
-        return LoaderTotals(self.records, self.rows, {})
+        return LoaderTotals(self.records, self.rows, self.dead_letters_by_reason)
 
     def run(self, *, until_idle_s: float | None = None, stop: Callable[[], bool] | None = None,
             ) -> int:
@@ -202,12 +277,13 @@ def run_kafka_output_loader(config: Any, *, until_idle_s: float | None = None) -
     lag = KafkaGroupLag(config.kafka.bootstrap_servers, group, topics, stage="output_loader")
     try:
         migrate(storage, storage.database, config.retention_policy())
-        loader = OutputLoader(storage, source)
+        loader = OutputLoader(storage, source, retention=config.retention_policy())
         if endpoint is not None:
             serve([LoaderCollector("rollups", loader.totals), LagCollector([lag])], endpoint)
         rows = loader.run(until_idle_s=until_idle_s)
+        dead = loader.dead_letters_by_reason
         print(f"loaded {rows} output rows from {loader.records} records"
-              + (f"; {len(loader.problems)} unreadable" if loader.problems else ""))
+              + (f"; dead-lettered by this loader: {dead}" if dead else ""))
         return rows
     finally:
         lag.close()

@@ -28,6 +28,14 @@ Settings (allowed lateness, watermark delay, dedupe horizon) are the *current* c
 for a restored checkpoint, with one guard: windows already closed stay closed
 (``RollupState.closed_before_ms`` is checkpointed), so raising the lateness cannot reopen
 an evicted window at version 1.
+
+Upgrading from checkpoints older than format 4: explicit ids were deduped bare (one scope
+for the whole partition) and no entry recorded the windows it counted in. Such ids are
+restored as *legacy* ids that match an id under any (customer, meter) - what they meant
+when they were recorded - and every old entry (ids, batch ids, producer runs) is held
+until the hour of the partition's newest event at the upgrade (``legacy_until_ms``) has
+closed, since every window they counted in ends by then. So no resend within the horizon
+is counted twice across the upgrade; the legacy ids drain within one horizon.
 """
 
 from __future__ import annotations
@@ -35,14 +43,18 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
 from meterline.aggregators.id_store import IdEntry, IdStore, MemoryIdStore
-from meterline.core.dedupe import DEFAULT_DEDUPE_HORIZON_MS, InMemoryDeduper, SequenceDeduper
+from meterline.core.dedupe import (
+    DEFAULT_DEDUPE_HORIZON_MS,
+    NO_PIN,
+    InMemoryDeduper,
+    SequenceDeduper,
+)
 from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
 from meterline.core.lateness import (
@@ -52,8 +64,14 @@ from meterline.core.lateness import (
     PartitionWatermark,
 )
 from meterline.core.meters import MeterRegistry
-from meterline.core.outputs import WHOLE_RECORD, DeadLetterRecord, Flush, LateRecord, RollupRecord
-from meterline.core.quantity import format_nanos
+from meterline.core.outputs import (
+    DeadLetterRecord,
+    Flush,
+    LateRecord,
+    RollupRecord,
+    event_dead_letter,
+    record_dead_letter,
+)
 from meterline.core.rollup import BatchOutcome, Dedupers, Key, RollupState
 from meterline.core.windows import DAY_MS, HOUR_MS
 from meterline.ingest.sources import SourceRecord
@@ -62,10 +80,10 @@ __all__ = ["CHECKPOINT_FORMAT", "Counters", "PartitionProcessor", "RollupSetting
 
 log = logging.getLogger(__name__)
 
-# 3: explicit event ids leave the blob for deltas (id_store.py); 2: + closed_before_ms.
-# Formats 1 and 2 are still read.
-CHECKPOINT_FORMAT = 3
-MAX_DEAD_PAYLOAD = 1 << 20  # the record itself stays in the topic at (partition, offset)
+# 4: explicit ids scoped (customer, meter, id), every dedupe entry carries the end of the
+# window it counted in (until_ms), legacy bare ids; 3: explicit event ids leave the blob for
+# deltas (id_store.py); 2: + closed_before_ms. Formats 1 to 3 are still read.
+CHECKPOINT_FORMAT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +146,21 @@ class PartitionProcessor:
                                  SequenceDeduper(settings.dedupe_horizon_ms))
         self.counters = Counters()
         self.restored = False  # True when built from a checkpoint
+        # Set when restored from a checkpoint older than format 4 (see the module
+        # docstring): old entries are held until windows ending by this are closed.
+        self._legacy_until_ms: int | None = None
+        self._legacy_inline = False  # legacy ids came from the blob (formats 1-2), not deltas
         # The source topic's partition count when this state was built: customers are
         # routed by it, so the state is only valid while it holds (see runner.assign).
         self.source_partitions: int | None = None
         self._dirty: set[Key] = set()
         self._pending = Flush()
         self._clock_ms = -(2**63)  # largest record timestamp seen: processing time
+
+    @property
+    def legacy_until_ms(self) -> int | None:
+        """While bare ids of an older checkpoint are held: the window end they wait for."""
+        return None if self.dedupers.legacy_ids is None else self._legacy_until_ms
 
     # ------------------------------------------------------------------ processing
 
@@ -161,9 +188,8 @@ class PartitionProcessor:
         try:
             batch = decode_batch(record.payload)
         except EnvelopeError as exc:
-            self._dead(record, WHOLE_RECORD, "", "", f"envelope.{exc.reason}",
-                       record.payload[:MAX_DEAD_PAYLOAD].decode("utf-8", "backslashreplace"),
-                       now_ms)
+            self._dead(record_dead_letter(record.topic, record.partition, record.offset, now_ms,
+                                          f"envelope.{exc.reason}", record.payload))
         else:
             if now_ms < 0:  # no log timestamp at all (not Kafka): the batch's own clock
                 now_ms = self._clock_ms = max(self._clock_ms, batch.created_ms)
@@ -191,16 +217,8 @@ class PartitionProcessor:
         c.late += out.late
         c.late_allowed += out.late_allowed
         for dl in out.dead_letters:
-            i = dl.position
-            event: dict[str, Any] = {
-                "id": dl.event_id, "customer": batch.customers[i], "meter": batch.meters[i],
-                "quantity": format_nanos(batch.quantities[i]),
-                "timestamp_ms": batch.timestamps_ms[i],
-            }
-            if batch.dimensions is not None and batch.dimensions[i]:
-                event["dimensions"] = batch.dimensions[i]
-            self._dead(record, i, batch.batch_id, dl.event_id, "event." + dl.reason,
-                       json.dumps(event, ensure_ascii=False, sort_keys=True), now_ms)
+            self._dead(event_dead_letter(record.topic, record.partition, record.offset, now_ms,
+                                         batch, dl.position, dl.event_id, "event." + dl.reason))
         for late in out.late_events:
             i = late.position
             meter = self.registry.get(batch.meters[i])
@@ -214,15 +232,11 @@ class PartitionProcessor:
                 received_at_ms=now_ms,
             ))
 
-    def _dead(self, record: SourceRecord, position: int, batch_id: str, event_id: str,
-              reason: str, payload: str, now_ms: int) -> None:
+    def _dead(self, dead: DeadLetterRecord) -> None:
+        # Built by core.outputs for the raw stage too: one payload format, one unit.
         self.counters.rejected += 1
-        self.counters.by_reason[reason] = self.counters.by_reason.get(reason, 0) + 1
-        self._pending.dead_letters.append(DeadLetterRecord(
-            source=record.topic, partition=record.partition, offset=record.offset,
-            position=position, batch_id=batch_id, event_id=event_id, reason=reason,
-            payload=payload, received_at_ms=now_ms,
-        ))
+        self.counters.by_reason[dead.reason] = self.counters.by_reason.get(dead.reason, 0) + 1
+        self._pending.dead_letters.append(dead)
 
     # ------------------------------------------------------------------ flushing
 
@@ -276,6 +290,11 @@ class PartitionProcessor:
             "ids_clock_ms": self.ids.now_ms,  # the ids themselves: take_id_delta()
             "cells": self.state.export_all(),
         }
+        legacy = self.dedupers.legacy_ids
+        if legacy is not None:
+            doc["legacy_until_ms"] = self.legacy_until_ms
+            if self._legacy_inline:  # formats 1-2 had no deltas to keep them in
+                doc["legacy_ids"] = [[t, k] for t, k, _ in legacy.export()[1]]
         try:
             data = orjson.dumps(doc)
         except TypeError:  # a total beyond 64-bit ints: the stdlib encoder handles any int
@@ -294,8 +313,9 @@ class PartitionProcessor:
         """Restore a checkpoint; ``id_deltas`` are the partition's saved id deltas (only
         ids first seen before the checkpoint's ``next_offset`` are kept)."""
         doc = json.loads(zlib.decompress(blob))
-        if doc.get("format") not in (1, 2, CHECKPOINT_FORMAT):
-            raise ValueError(f"unknown checkpoint format {doc.get('format')!r}")
+        fmt = doc.get("format")
+        if fmt not in (1, 2, 3, CHECKPOINT_FORMAT):
+            raise ValueError(f"unknown checkpoint format {fmt!r}")
         saved = RollupSettings(*doc["settings"])
         settings = settings or saved
         proc = cls(doc["source"], doc["partition"], registry, settings,
@@ -314,16 +334,55 @@ class PartitionProcessor:
             log.warning("%s[%d]: rollup settings changed since the checkpoint (%s -> %s); "
                         "windows closed before %d stay closed", proc.source, proc.partition,
                         saved, settings, proc.state.closed_before_ms)
-        proc.dedupers.batches.restore(*doc["batches"])  # type: ignore[attr-defined]
-        if "sequences" in doc:
-            proc.dedupers.sequences.restore(*doc["sequences"])
-        next_offset = doc["next_offset"]
-        if "events" in doc:  # formats 1-2: the ids were in the blob
-            clock, entries = doc["events"]
-            proc.ids.load([(str(k), int(t), -1) for t, k in entries], next_offset, clock)
+        closed = proc.state.closed_before_ms
+        proc.dedupers.close_before(closed)
+        if fmt < CHECKPOINT_FORMAT:
+            max_event_ms = doc["max_event_ms"]
+            legacy_until = (NO_PIN if max_event_ms is None
+                            else max_event_ms - max_event_ms % HOUR_MS + HOUR_MS)
         else:
-            proc.ids.load((e for delta in id_deltas for e in delta), next_offset,
-                          doc["ids_clock_ms"])
+            legacy_until = doc.get("legacy_until_ms")
+        proc._legacy_until_ms = legacy_until
+        old_until = NO_PIN if legacy_until is None else legacy_until
+        batches_clock, batch_ids = doc["batches"]
+        proc.dedupers.batches.restore(batches_clock, batch_ids,  # type: ignore[attr-defined]
+                                      old_until)
+        if "sequences" in doc:
+            sequences_clock, runs = doc["sequences"]
+            proc.dedupers.sequences.restore(sequences_clock, runs, old_until)
+        next_offset = doc["next_offset"]
+        legacy: list[tuple[int, str]] = []
+        ids_clock = doc.get("ids_clock_ms", doc["clock_ms"])
+        if "events" in doc:  # formats 1-2: bare ids in the blob
+            ids_clock, entries = doc["events"]
+            legacy += [(int(t), str(k)) for t, k in entries]
+            proc._legacy_inline = True
+        if "legacy_ids" in doc:
+            legacy += [(int(t), str(k)) for t, k in doc["legacy_ids"]]
+            proc._legacy_inline = True
+
+        def scoped() -> Iterator[IdEntry]:
+            for delta in id_deltas:
+                for entry in delta:
+                    if entry[3] is not None:
+                        yield entry
+                    elif legacy_until is not None and entry[2] < next_offset:
+                        legacy.append((entry[1], entry[0]))  # a bare id of an old delta
+
+        proc.ids.close_before(closed)
+        proc.ids.load(scoped(), next_offset, ids_clock, closed)
+        if legacy and legacy_until is not None:
+            ids = InMemoryDeduper(settings.dedupe_horizon_ms)
+            ids.close_before(closed)
+            # A bare id in two deltas: the later sighting counts, as in the id stores.
+            newest: dict[str, int] = {}
+            for t, k in legacy:
+                newest[k] = max(t, newest.get(k, t))
+            ids.restore(proc.ids.now_ms, sorted((t, k, legacy_until)
+                                                for k, t in newest.items()))
+            ids.expire(proc.ids.now_ms)
+            if ids:
+                proc.dedupers.legacy_ids = ids
         for window, customer, meter, group, start, aggregation, plain, events in doc["cells"]:
             key = (window, customer, meter, tuple((k, v) for k, v in group), start)
             proc.state.restore(key, aggregation, plain, events)

@@ -44,6 +44,7 @@ from meterline.aggregators.id_store import (
     encode_delta,
 )
 from meterline.aggregators.processor import Counters, PartitionProcessor, RollupSettings
+from meterline.core.dedupe import NO_PIN
 from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import Flush
 from meterline.ingest.sources import SourceRecord
@@ -106,13 +107,25 @@ class Gap:
     offset: int
 
 
-def _decoded(deltas: dict[str, bytes], live: dict[str, int]) -> Iterator[list[IdEntry]]:
+# A live delta: (newest first-seen ms of its ids, latest window end they are held for;
+# None: bare ids of the legacy format, held for the processor's legacy_until_ms).
+DeltaLife = tuple[int, int | None]
+
+
+def _decoded(deltas: dict[str, bytes], live: dict[str, DeltaLife]) -> Iterator[list[IdEntry]]:
     """Decode one delta at a time (a restore of 10 M ids never holds them all in memory)
-    and note each delta's newest id time for its later tombstone."""
+    and note what each delta's later tombstone waits for."""
     for key, blob in deltas.items():
         entries = decode_delta(blob)
-        live[key] = max((e[1] for e in entries), default=-(2**63))
+        live[key] = _life(entries)
         yield entries
+
+
+def _life(entries: list[IdEntry]) -> DeltaLife:
+    newest = max((e[1] for e in entries), default=-(2**63))
+    if any(e[3] is None for e in entries):
+        return newest, None
+    return newest, max((e[3] for e in entries if e[3] is not None), default=NO_PIN)
 
 
 class RollupWorker:
@@ -126,7 +139,7 @@ class RollupWorker:
         # Explicit event ids on disk under this directory (one scratch file per partition,
         # rebuilt from the checkpoint store's deltas on assignment); None: in memory.
         self.id_store_dir = Path(id_store_dir) if id_store_dir is not None else None
-        self._deltas: dict[TopicPartition, dict[str, int]] = {}  # live delta key -> newest id ms
+        self._deltas: dict[TopicPartition, dict[str, DeltaLife]] = {}  # live delta keys
         self._open: dict[TopicPartition, tuple[str, list[IdEntry]]] = {}  # see _save_checkpoints
         self.writer = writer
         self.store = store
@@ -182,7 +195,7 @@ class RollupWorker:
             if blob is None:
                 # Deltas without a checkpoint belong to a lost state: delete them at the
                 # first checkpoint (the rebuild writes its own).
-                live.update(dict.fromkeys(deltas, -(2**63)))
+                live.update(dict.fromkeys(deltas, (-(2**63), NO_PIN)))
                 proc = PartitionProcessor(tp.topic, tp.partition, self.registry, self.settings,
                                           ids=self._id_store(tp))
             else:
@@ -357,8 +370,8 @@ class RollupWorker:
         return {tp: self.processors[tp].next_offset for tp in tps}
 
     def _save_checkpoints(self, tps: list[TopicPartition]) -> None:
-        """One save per flush: each partition's main blob, its *open* id delta, and
-        tombstones for deltas whose every id has expired.
+        """One save per flush: each partition's *open* id delta, its main blob, and
+        tombstones for deltas whose every id may be forgotten.
 
         The open delta collects the explicit ids first seen since it was opened and is
         rewritten under one key at each checkpoint (compaction keeps the newest) until it
@@ -366,16 +379,30 @@ class RollupWorker:
         one opens. So the store holds a few hundred deltas per partition and horizon, not
         one per checkpoint. Deltas go before the blobs: a saved blob never points past its
         ids, and a delta saved without its blob holds ids at offsets the restore ignores
-        (id_store.py). Ids stay in the open delta until saved, so a failed save loses none.
+        (id_store.py). Tombstones go last: a delete never lands without the blob that no
+        longer needs it. Ids stay in the open delta until saved, so a failed save loses none.
+
+        A delta may go once its ids' horizon has passed on the log clock *and* the windows
+        they counted in are closed (``core/dedupe.py``): ``closed_before_ms`` of the state
+        this checkpoint holds has passed every ``until_ms`` in it.
         """
         blobs: dict[str, bytes | None] = {}
+        tombstones: dict[str, bytes | None] = {}
         for tp in tps:
             proc = self.processors[tp]
             live = self._deltas.setdefault(tp, {})
             cutoff = proc.ids.now_ms - self.settings.dedupe_horizon_ms
-            for key in [k for k, newest in live.items() if newest <= cutoff]:
-                blobs[key] = None
+            closed = proc.state.closed_before_ms
+            legacy_until = NO_PIN if proc.legacy_until_ms is None else proc.legacy_until_ms
             new = proc.take_id_delta()
+            open_key = self._open[tp][0] if tp in self._open else None
+            for key, (newest, until) in live.items():
+                if newest <= cutoff and (legacy_until if until is None else until) <= closed:
+                    if key != open_key:
+                        tombstones[key] = None
+                    elif not new:  # an open delta with nothing left to hold: close it too
+                        tombstones[key] = None
+                        del self._open[tp]
             if new:
                 key, entries = self._open.get(tp) or (
                     f"{self._delta_prefix(tp)}{proc.next_offset:020d}", [])
@@ -385,17 +412,17 @@ class RollupWorker:
                 key, entries = self._open[tp]
                 blobs[key] = encode_delta(entries)
         blobs.update({self._key(tp): self.processors[tp].checkpoint() for tp in tps})
+        blobs.update(tombstones)
         self.store.save(blobs)
         for tp in tps:
             proc = self.processors[tp]
             self._saved[tp] = proc.next_offset
             live = self._deltas[tp]
-            for key, blob in blobs.items():
-                if blob is None:
-                    live.pop(key, None)
+            for key in tombstones:
+                live.pop(key, None)
             if tp in self._open:
                 key, entries = self._open[tp]
-                live[key] = max(e[1] for e in entries)
+                live[key] = _life(entries)
                 if (len(entries) >= SEAL_DELTA_IDS
                         or entries[-1][1] - entries[0][1] >= SEAL_DELTA_MS):
                     del self._open[tp]

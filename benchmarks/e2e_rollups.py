@@ -193,7 +193,7 @@ class Worker:
             proc.wait(10)
 
     # ---- log
-    _TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+    _TS = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]? ")  # Faust: [ts]; ours: ts
     _CKPT = re.compile(r"checkpoint (\d+) of \d+ partitions: records=(\d+) accepted=(\d+) "
                        r"duplicate=(\d+) late=(\d+) rejected=(\d+)")
 

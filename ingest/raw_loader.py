@@ -2,8 +2,11 @@
 
 The order is what makes it safe: rows are inserted first and the source offsets are
 committed after, so a crash in between re-reads the records and re-inserts the same rows,
-which ``raw_events`` collapses by event id. A poison record never stalls its partition: it
-becomes a dead letter with the decoder's reason and the stream moves on.
+which readers of ``raw_events`` count once per ``(customer, meter, event_id)``. A poison
+record or event never stalls its partition: a record the decoder refuses, and every event
+``raw_events`` could not hold (quantity beyond Decimal(38, 9), time outside what DateTime
+holds or too far ahead of the log, or already past the table's retention), becomes a dead
+letter with its reason, and the rest of the poll lands.
 
 Metrics: inserts are timed per table (``TimedStorage``); ``meterline load-raw`` serves the
 loader's throughput and its group's consumer lag when ``METERLINE_METRICS_PORT`` is set.
@@ -17,10 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meterline.core.envelope import decode_batch
+from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
-from meterline.core.events import METER_NAME_RE
-from meterline.core.outputs import WHOLE_RECORD
+from meterline.core.events import MAX_TIMESTAMP_MS, METER_NAME_RE, MIN_TIMESTAMP_MS
+from meterline.core.outputs import DeadLetterRecord, event_dead_letter, record_dead_letter
+from meterline.core.quantity import MAX_NANOS
+from meterline.core.rollup import MAX_FUTURE_SKEW_MS
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.sinks.raw_events import (
@@ -29,9 +34,20 @@ from meterline.sinks.raw_events import (
     insert_dead_letters,
     insert_raw_events,
 )
+from meterline.sinks.retention import RETENTION_MARGIN_MS, RetentionPolicy
 from meterline.sinks.storage import Storage
 
 log = logging.getLogger(__name__)
+
+# Per-event reasons of this stage (``event.<code>`` in dead_letters). The stage has no
+# meter registry: it keeps every well-formed event for audit and leaves meter rules
+# (unknown meter, sign, dimensions) to the rollup stage; what it refuses is what
+# raw_events cannot hold or would delete at once, with the fold's codes where they agree.
+MISSING_CUSTOMER = "missing_customer"
+BAD_METER = "bad_meter"
+TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"  # also: > 15 min ahead of the log clock
+QUANTITY_OUT_OF_RANGE = "quantity_out_of_range"  # beyond Decimal(38, 9)
+OUTSIDE_RETENTION = "outside_retention"  # raw_events' TTL would delete it on insert
 
 
 @dataclass
@@ -46,72 +62,95 @@ class LoadCounters:
         self.dead_letters += n
 
 
-def build_rows(
-    records: Sequence[SourceRecord], now_ms: int
-) -> tuple[RawEventColumns, DeadLetterColumns, LoadCounters]:
-    """Pure: records -> raw-event columns + dead letters (one per bad record or event)."""
-    counters = LoadCounters(records=len(records))
-    raw: dict[str, list] = {k: [] for k in (
-        "event_id", "batch_id", "customer", "meter", "quantity_nano", "timestamp_ms",
-        "dimensions", "source", "ingested_at_ms")}
-    dead: dict[str, list] = {k: [] for k in (
-        "received_at_ms", "source", "source_partition", "source_offset", "position", "stage",
-        "batch_id", "event_id", "reason", "payload")}
+def _event_faults(batch: Batch, clock_ms: int, now_ms: int,
+                  retention: RetentionPolicy) -> dict[int, str]:
+    """``{position: reason}`` for the events of ``batch`` raw_events must not take.
 
-    def dead_letter(rec: SourceRecord, position: int, batch_id: str, event_id: str,
-                    reason: str, payload: bytes) -> None:
-        # The log timestamp keeps a replayed dead letter identical to the first one; only
-        # a source without timestamps falls back to the loader's clock.
-        dead["received_at_ms"].append(rec.timestamp_ms if rec.timestamp_ms >= 0 else now_ms)
-        dead["source"].append(rec.topic)
-        dead["source_partition"].append(rec.partition)
-        dead["source_offset"].append(rec.offset)
-        dead["position"].append(position)
-        dead["stage"].append("raw")
-        dead["batch_id"].append(batch_id)
-        dead["event_id"].append(event_id)
-        dead["reason"].append(reason)
-        dead["payload"].append(payload)
-        counters.add_reason(reason.split(":", 1)[0])
+    ``clock_ms`` is the record's log time (the fold's clock for the future-skew rule);
+    ``now_ms`` the loader's wall clock (what the table's TTL runs on).
+    """
+    bad: dict[int, str] = {}
+    for i, (customer, meter) in enumerate(zip(batch.customers, batch.meters, strict=True)):
+        if not customer:
+            bad[i] = MISSING_CUSTOMER
+        elif not METER_NAME_RE.match(meter):
+            bad[i] = BAD_METER
+    stamps, quantities = batch.timestamps_ms, batch.quantities
+    newest_ok = min(clock_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
+    if not (min(stamps) >= MIN_TIMESTAMP_MS and max(stamps) <= newest_ok):
+        for i, ts in enumerate(stamps):
+            if not MIN_TIMESTAMP_MS <= ts <= newest_ok:
+                bad.setdefault(i, TIMESTAMP_OUT_OF_RANGE)
+    if not (min(quantities) >= -MAX_NANOS and max(quantities) <= MAX_NANOS):
+        for i, q in enumerate(quantities):
+            if not -MAX_NANOS <= q <= MAX_NANOS:
+                bad.setdefault(i, QUANTITY_OUT_OF_RANGE)
+    # Retention: one comparison for the whole batch unless its oldest event is near the
+    # edge for the shortest retention any meter has.
+    field_ = "raw_events_days"
+    horizon_ms = now_ms + RETENTION_MARGIN_MS
+    shortest = min([retention.raw_events_days] + [d for _, d in retention.overrides(field_)])
+    if RetentionPolicy(raw_events_days=shortest).expires_at_ms(field_, min(stamps)) <= horizon_ms:
+        for i, (ts, meter) in enumerate(zip(stamps, batch.meters, strict=True)):
+            if i not in bad and retention.expires_at_ms(field_, ts, meter) <= horizon_ms:
+                bad[i] = OUTSIDE_RETENTION
+    return bad
+
+
+def build_rows(
+    records: Sequence[SourceRecord], now_ms: int, retention: RetentionPolicy | None = None,
+) -> tuple[RawEventColumns, DeadLetterColumns, LoadCounters]:
+    """Pure: records -> raw-event columns + dead letters (one per bad record or event).
+
+    Every event is checked on its own: one that raw_events cannot hold (see
+    ``_event_faults``) becomes a dead letter with its reason and the rest of its batch,
+    and of the poll, lands. ``retention`` defaults to ``RetentionPolicy()``: pass the
+    configured one, or events inside a longer configured retention are refused.
+    """
+    retention = retention or RetentionPolicy()
+    counters = LoadCounters(records=len(records))
+    raw: dict[str, list[Any]] = {k: [] for k in (
+        "event_id", "batch_id", "customer", "meter", "quantity_nano", "timestamp_ms",
+        "dimensions", "source", "ingested_at_ms", "source_partition", "source_offset",
+        "position")}
+    dead: list[DeadLetterRecord] = []
 
     for rec in records:
+        # The log timestamp keeps a replayed dead letter identical to the first one; only
+        # a source without timestamps falls back to the loader's clock.
+        received_ms = rec.timestamp_ms if rec.timestamp_ms >= 0 else now_ms
         try:
             batch = decode_batch(rec.payload)
         except EnvelopeError as exc:
-            dead_letter(rec, WHOLE_RECORD, "", "", f"envelope.{exc.reason}: {exc.detail}"[:500],
-                        rec.payload)
+            dead.append(record_dead_letter(rec.topic, rec.partition, rec.offset, received_ms,
+                                           f"envelope.{exc.reason}: {exc.detail}"[:500],
+                                           rec.payload))
             continue
         ids = batch.event_ids()
-        sources = [s or "" for s in batch.event_sources()]
-        dims = batch.event_dimensions()
-        ok = [
-            i for i, (c, m) in enumerate(zip(batch.customers, batch.meters, strict=True))
-            if c and METER_NAME_RE.match(m)
-        ]
-        if len(ok) != len(batch):
-            # Per-event faults: keep the good events, dead-letter each bad one as JSON.
-            import orjson
-
-            bad = sorted(set(range(len(batch))) - set(ok))
-            for i in bad:
-                reason = "event.missing_customer" if not batch.customers[i] else "event.bad_meter"
-                event = {"id": ids[i], "customer": batch.customers[i], "meter": batch.meters[i],
-                         "quantity": str(batch.quantities[i]),
-                         "timestamp_ms": batch.timestamps_ms[i]}
-                dead_letter(rec, i, batch.batch_id, ids[i], reason, orjson.dumps(event))
+        clock_ms = rec.timestamp_ms if rec.timestamp_ms >= 0 else batch.created_ms
+        bad = _event_faults(batch, clock_ms, now_ms, retention)
+        for i, reason in sorted(bad.items()):
+            dead.append(event_dead_letter(rec.topic, rec.partition, rec.offset, received_ms,
+                                          batch, i, ids[i], "event." + reason))
+        ok = range(len(batch)) if not bad else [i for i in range(len(batch)) if i not in bad]
         n = len(ok)
-        take = _identity if n == len(batch) else _picker(ok)
+        take = _identity if not bad else _picker(list(ok))
         raw["event_id"] += take(ids)
         raw["batch_id"] += [batch.batch_id] * n
         raw["customer"] += take(batch.customers)
         raw["meter"] += take(batch.meters)
         raw["quantity_nano"] += take(batch.quantities)
         raw["timestamp_ms"] += take(batch.timestamps_ms)
-        raw["dimensions"] += take(dims)
-        raw["source"] += take(sources)
+        raw["dimensions"] += take(batch.event_dimensions())
+        raw["source"] += take([s or "" for s in batch.event_sources()])
         raw["ingested_at_ms"] += [now_ms] * n
+        raw["source_partition"] += [rec.partition] * n
+        raw["source_offset"] += [rec.offset] * n
+        raw["position"] += list(ok)
         counters.events += n
-    return RawEventColumns(**raw), DeadLetterColumns(**dead), counters
+    for d in dead:
+        counters.add_reason(d.reason.split(":", 1)[0])
+    return RawEventColumns(**raw), DeadLetterColumns.from_records(dead, "raw"), counters
 
 
 def _identity(col: list[Any]) -> list[Any]:
@@ -130,8 +169,10 @@ class RawEventLoader:
         *,
         max_records: int = 200,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         self._storage = TimedStorage(storage)
+        self._retention = retention or RetentionPolicy()
         self._source = source
         self._max_records = max_records
         self._clock_ms = clock_ms
@@ -142,7 +183,10 @@ class RawEventLoader:
         records = self._source.poll_records(self._max_records, timeout_s)
         if not records:
             return LoadCounters()
-        rows, dead, counters = build_rows(records, self._clock_ms())
+        rows, dead, counters = build_rows(records, self._clock_ms(), self._retention)
+        for reason, n in sorted(counters.by_reason.items()):
+            log.warning("raw stage: %d dead letter(s) %s in offsets %d..%d", n, reason,
+                        records[0].offset, records[-1].offset)
         insert_dead_letters(self._storage, dead)
         insert_raw_events(self._storage, rows)
         self._source.commit(records)
@@ -190,7 +234,7 @@ def run_kafka_loader(config: Any, *, until_idle_s: float | None = None) -> LoadC
     lag = KafkaGroupLag(kafka.bootstrap_servers, kafka.group_id, [kafka.topic], stage="raw")
     try:
         migrate(storage, storage.database, config.retention_policy())
-        loader = RawEventLoader(storage, source)
+        loader = RawEventLoader(storage, source, retention=config.retention_policy())
         if endpoint is not None:
             serve([LoaderCollector("raw", loader.metric_totals), LagCollector([lag])], endpoint)
         totals = loader.run(until_idle_s=until_idle_s)

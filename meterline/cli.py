@@ -1,4 +1,5 @@
-"""`meterline` command line: demo, migrate, load-raw, rollup-local, usage."""
+"""`meterline` command line: demo, migrate, load-raw, rollup-local, usage, and the billing
+commands (plans, subscriptions, rate, explain, invoice, simulate, reconcile)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from meterline.core.errors import MeterlineError
 from meterline.logs import configure_logging, redact
@@ -19,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", choices=("text", "json"), default=None,
                         help="log lines as text or JSON (default: $METERLINE_LOG_FORMAT, "
                              "else text); errors carry topic, partition, offset, batch_id")
+    # --- server (issue 11): --version ---------------------------------------------------
+    parser.add_argument("--version", action="version", version=f"meterline {_version()}")
+    # --- end server -------------------------------------------------------------------
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on embedded chDB")
@@ -55,9 +60,32 @@ def main(argv: list[str] | None = None) -> int:
                               help="stop after this long without new records")
     _metrics_options(load_rollups)
 
+    # --- anomaly stage (issue 12) -------------------------------------------------------
+    anomalies = sub.add_parser(
+        "anomalies", help="<topic>.rollups -> anomaly detectors -> <topic>.anomalies, "
+        "webhook, metrics (Faust agent); --load: <topic>.anomalies -> ClickHouse")
+    anomalies.add_argument("--settings", type=Path, default=None,
+                           help="anomalies.toml: [detector], [stage], [webhook] "
+                                "(default: built-in defaults, no webhook)")
+    anomalies.add_argument("--load", action="store_true",
+                           help="run the loader into the anomalies table instead")
+    anomalies.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                           help="--load: stop after this long without new records")
+    _metrics_options(anomalies)
+    # --- end anomaly stage ---------------------------------------------------------------
+
     usage = sub.add_parser("usage", help="print exact usage of one customer")
     usage.add_argument("customer")
     usage.add_argument("--meter")
+
+    # --- server (issue 11): serve, keys, --config after the subcommand -----------------
+    _server_commands(sub)
+    _config_after_subcommand(sub)
+    # --- end server -------------------------------------------------------------------
+
+    from meterline.rating.commands import add_parsers as add_billing_parsers
+
+    add_billing_parsers(sub)
 
     args = parser.parse_args(argv)
     configure_logging(args.log_format, logging.INFO if args.verbose else logging.WARNING)
@@ -97,6 +125,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _apply_metrics_options(args)
+    from meterline.rating import commands as billing_commands
+
+    if args.command in billing_commands.COMMANDS:
+        return billing_commands.run(args, config)
+    if args.command in ("serve", "keys"):  # server (issue 11)
+        return _dispatch_server(args, config)
     if args.command == "demo":
         from meterline.demo import run_demo
 
@@ -143,12 +177,136 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_kafka_output_loader(config, until_idle_s=args.until_idle)
         return 0
+    if args.command == "anomalies":  # anomaly stage (issue 12)
+        from meterline.aggregators.anomaly_faust import run_anomalies, run_anomaly_loader
+
+        if args.load:
+            run_anomaly_loader(config, until_idle_s=args.until_idle)
+        else:
+            run_anomalies(config, args.settings)
+        return 0
     if args.command == "usage":
         from meterline.demo import print_usage
 
         print_usage(config, args.customer, args.meter)
         return 0
     raise AssertionError(args.command)
+
+
+# --- server (issue 11) ------------------------------------------------------------------
+
+
+def _version() -> str:
+    # Read from the installed metadata here: importing the server package (and its web
+    # stack) on every command just to print a version slowed every start.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meterline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+def _server_commands(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve", help="HTTP ingest + usage/quota API; on the embedded default also the whole "
+                      "pipeline (local log -> raw events + rollups -> chDB) in this process",
+        description="Serve the HTTP API (docs/server.md). Settings: [server] in --config.")
+    serve.add_argument("--host", default=None, help="address to bind (default: [server] host, "
+                                                    "else 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port (default: [server] port, else 8080; 0: any free port)")
+    serve.add_argument("--kafka", action="store_true",
+                       help="HTTP front only: events into the [kafka] topic (acks=all), "
+                            "reads from [storage]; the stages run as separate workers")
+    keys = sub.add_parser("keys", help="create, list or revoke API keys",
+                          description="API keys are stored hashed in [server] keys_file.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("--tenant", required=True,
+                        help="the tenant whose customers the key may write/read "
+                             "([a-z0-9][a-z0-9_-]{0,31})")
+    create.add_argument("--scope", action="append", choices=("ingest", "read", "admin"),
+                        required=True, help="ingest, read or admin (repeat for several)")
+    create.add_argument("--name", default="", help="a note to recognise the key by")
+    keys_sub.add_parser("list", help="list keys (ids, tenants, scopes; never secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id", help="the id shown by 'keys list' (12 hex characters)")
+
+
+def _config_after_subcommand(sub: Any) -> None:
+    """``meterline serve --config x.toml`` as well as ``meterline --config x.toml serve``:
+    every subcommand (nested ones too) takes --config; given there, it wins."""
+    for parser in sub.choices.values():
+        if not any("--config" in a.option_strings for a in parser._actions):
+            parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                                help="meterline.toml (also accepted before the subcommand)")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _config_after_subcommand(action)
+
+
+def _dispatch_server(args: argparse.Namespace, config: Any) -> int:
+    from meterline.server.keys import KeyStore
+    from meterline.server.settings import from_config
+
+    settings = from_config(config)
+    if args.command == "keys":
+        store = KeyStore(settings.keys_file)
+        try:
+            if args.keys_command == "create":
+                key, info = store.create(args.tenant, args.scope, args.name)
+                print(key)
+                print(f"created key {info.key_id} for tenant {info.tenant!r} "
+                      f"(scopes: {', '.join(info.scopes)}); the key is shown only now",
+                      file=sys.stderr)
+            elif args.keys_command == "list":
+                for k in store.list():
+                    state = "revoked" if k.revoked_ms is not None else "active"
+                    print(f"{k.key_id}  {k.tenant:<16} {','.join(k.scopes):<20} {state:<8} "
+                          f"{k.name}")
+            else:
+                if not store.revoke(args.key_id):
+                    print(f"error: no active key {args.key_id!r}", file=sys.stderr)
+                    return 2
+                print(f"revoked {args.key_id}")
+        finally:
+            store.close()
+        return 0
+    import dataclasses
+
+    from meterline.server.runtime import serve
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.kafka:
+        overrides["pipeline"] = "kafka"
+    settings = dataclasses.replace(settings, **overrides)
+    store = KeyStore(settings.keys_file)
+    try:
+        if len(store) == 0:
+            # A fresh install has no key, so nothing could use the API: make the first one
+            # (printed once, like a notebook token) and say how to manage keys.
+            key, info = store.create("default", ["admin"], "created by the first serve")
+            print(f"no API keys yet: created admin key {info.key_id} for tenant 'default':\n"
+                  f"  {key}\n(shown once; manage keys with 'meterline keys create/list/revoke')",
+                  flush=True)
+    finally:
+        store.close()
+
+    def listening(url: str) -> None:
+        where = (f"local log {settings.local_log}" if settings.pipeline == "embedded"
+                 else f"Kafka topic {config.kafka.topic}")
+        print(f"meterline serve: listening on {url} ({settings.pipeline} pipeline, {where})",
+              flush=True)
+
+    serve(config, settings, on_listening=listening)
+    return 0
+
+# --- end server -------------------------------------------------------------------------
 
 
 if __name__ == "__main__":

@@ -40,11 +40,13 @@ class DemoResult:
     window_mismatches: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     overview_png: Path | None = None
+    billing_exact: bool | None = None  # rated quantities = truth and zero reconcile drift
 
     @property
     def exact(self) -> bool:
         return (self.mismatches == 0 and self.pairs_checked > 0
-                and self.window_mismatches == 0 and self.windows_checked > 0)
+                and self.window_mismatches == 0 and self.windows_checked > 0
+                and self.billing_exact is not False)
 
 
 def _progress(items: Iterable[T], enabled: bool, **kwargs: Any) -> Iterator[T]:
@@ -105,7 +107,9 @@ def run_demo(
         registry=registry,
         transport=LocalLogTransport(log),
     )
-    stream = generate(events, customers, end_ms=time.time_ns() // 1_000_000, seed=seed,
+    end_ms = time.time_ns() // 1_000_000
+    span_ms = 48 * HOUR_MS  # generate()'s default span
+    stream = generate(events, customers, end_ms=end_ms, span_ms=span_ms, seed=seed,
                       truth=truth)
     emit = emitter.emit
     for ev in _progress(stream, progress, total=events, desc="emit   (SDK)"):
@@ -151,6 +155,9 @@ def run_demo(
         png = _overview_png(storage, workdir / "consumption-overview.png")
         stage_seconds["png"] = time.monotonic() - t
         t = time.monotonic()
+        billing = _billing(storage, truth, customers, end_ms - span_ms, end_ms, config)
+        stage_seconds["billing"] = time.monotonic() - t
+        t = time.monotonic()
     finally:
         storage.close()
         log.close()
@@ -169,10 +176,25 @@ def run_demo(
     _print_rollups(registry, counters, hourly, daily, window_diffs, checked, stage_seconds)
     if png is not None:
         print(f"\nConsumption overview (the Grafana dashboard's SQL on this chDB): {png}")
+    if billing is not None:
+        billing.report()
     print(f"Done in {seconds:.1f}s ({truth.events / seconds:,.0f} events/s end to end; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()) + ").")
     return DemoResult(truth.events, len(truth.sums), mismatches, seconds, checked,
-                      len(window_diffs), stage_seconds, png)
+                      len(window_diffs), stage_seconds, png,
+                      None if billing is None else billing.result.exact)
+
+
+def _billing(storage: Any, truth: GroundTruth, n_customers: int, start_ms: int, end_ms: int,
+             config: AppConfig) -> Any:
+    """Plans, subscriptions and rating on the demo's usage (meterline/rating/demo.py); its
+    report is printed after the pipeline's."""
+    from meterline.rating.demo import run_billing
+    from meterline.workload import customers
+
+    r = config.rollups
+    settle_ms = HOUR_MS + r.watermark_delay_ms + r.allowed_lateness_ms
+    return run_billing(storage, truth, customers(n_customers), start_ms, end_ms, settle_ms)
 
 
 def _overview_png(storage: Any, path: Path) -> Path | None:

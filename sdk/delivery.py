@@ -431,21 +431,25 @@ class Delivery:
                     self._replay_after = time.monotonic() + _REPLAY_BACKOFF_S
                     self.failures.record("spool", exc, "splitting is retried")
                 return  # the parts replace it; pick them up next cycle, in order
+            # In flight before send(): its report can come back inside send() (which polls),
+            # and a report that finds the batch not yet marked would leave it marked forever.
+            self._replay_inflight.add(row.seq)
             try:
                 self._transport.send(
                     self.config.topic, row.batch.partition, row.batch.payload,
                     self._replay_done(row),
                 )
             except Backpressure:
+                self._replay_inflight.discard(row.seq)
                 self._replay_after = time.monotonic() + _REPLAY_BACKOFF_S / 10
                 return
             except Exception as exc:
+                self._replay_inflight.discard(row.seq)
                 self._replay_after = time.monotonic() + _REPLAY_BACKOFF_S
                 self.failures.record(
                     "send", exc, f"spooled batch {row.batch.batch_id} is replayed again"
                 )
                 return
-            self._replay_inflight.add(row.seq)
             room -= 1
             if room <= 0:
                 return

@@ -31,7 +31,7 @@ from meterline.core.events import (
     check_timestamp_ms,
     is_utf8,
 )
-from meterline.core.meters import Aggregation, MeterRegistry
+from meterline.core.meters import Aggregation, Meter, MeterRegistry
 from meterline.core.quantity import MAX_UNITS, SCALE, QuantityError, to_nanos
 from meterline.sdk.batching import Item
 from meterline.sdk.config import EmitterConfig
@@ -252,26 +252,7 @@ class Emitter:
     def _check_against_registry(self, meter: str, q: int, dims: dict[str, str] | None) -> None:
         spec = self._registry.get(meter)  # type: ignore[union-attr]
         assert spec is not None  # _learn_meter checked it
-        problem = None
-        if q < 0 and not spec.allow_negative:
-            problem = ("quantity", f"meter {meter!r} does not allow negative quantities")
-        elif dims:
-            extra = [k for k in dims if k not in spec.dimensions]
-            if extra:
-                problem = (
-                    "dimensions",
-                    f"{', '.join(map(repr, extra))} not allowed for meter {meter!r} "
-                    f"(allowed: {', '.join(spec.dimensions) or 'none'})",
-                )
-        if (
-            problem is None
-            and spec.aggregation is Aggregation.UNIQUE_COUNT
-            and not (dims and spec.value_property in dims)
-        ):
-            problem = (
-                f"dimensions.{spec.value_property}",
-                f"required by unique_count meter {meter!r}",
-            )
+        problem = registry_problem(spec, q, dims)
         if problem is not None:
             self._count_rejected()
             raise InvalidEventError(*problem)
@@ -361,6 +342,29 @@ class Emitter:
             undelivered_at_close=d["undelivered_at_close"],
             partition_count_changes=d["partition_count_changes"],
         )
+
+
+def registry_problem(spec: Meter, q: int, dims: Mapping[str, str] | None
+                     ) -> tuple[str, str] | None:
+    """``(field, message)`` when an event breaks its meter's rules, else None.
+
+    Module-level so that every entry point (this emitter, the HTTP ingest server) applies
+    the same registry rules to an event before it is batched.
+    """
+    meter = spec.name
+    if q < 0 and not spec.allow_negative:
+        return ("quantity", f"meter {meter!r} does not allow negative quantities")
+    if dims:
+        extra = [k for k in dims if k not in spec.dimensions]
+        if extra:
+            return (
+                "dimensions",
+                f"{', '.join(map(repr, extra))} not allowed for meter {meter!r} "
+                f"(allowed: {', '.join(spec.dimensions) or 'none'})",
+            )
+    if spec.aggregation is Aggregation.UNIQUE_COUNT and not (dims and spec.value_property in dims):
+        return (f"dimensions.{spec.value_property}", f"required by unique_count meter {meter!r}")
+    return None
 
 
 _live_emitters: weakref.WeakSet[Emitter] = weakref.WeakSet()

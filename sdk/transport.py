@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from meterline.core.errors import MeterlineError
 
 OnDone = Callable[[BaseException | None], None]
+
+log = logging.getLogger("meterline.sdk")
 
 
 class Backpressure(MeterlineError):
@@ -33,7 +36,19 @@ class Transport(Protocol):
 
 
 class KafkaTransport:
-    """confluent-kafka producer set up for billing: idempotent, acks=all, compressed."""
+    """confluent-kafka producer set up for billing: idempotent, acks=all, compressed.
+
+    Self-healing: when deliveries have failed for ``reset_after_s`` (default: the delivery
+    timeout) without one success, the librdkafka producer is replaced by a new one. An
+    idempotent librdkafka producer can stay stuck after a broker restart - it keeps asking
+    one broker for a producer id and every message times out (seen in 1 of 10 runs of
+    tests/aggregators/test_worker_crash.py; confluent-kafka-python#1335 describes the same
+    loop) - and only a new instance recovers. The old producer's messages are purged: their
+    delivery reports fail, so the SDK spools and replays those batches, under their batch
+    ids and sequence numbers, which the pipeline deduplicates if some had been written
+    after all. During a real outage a reset changes nothing and costs one reconnect per
+    ``reset_after_s``.
+    """
 
     def __init__(
         self,
@@ -42,6 +57,9 @@ class KafkaTransport:
         compression: str = "lz4",
         delivery_timeout_ms: int = 30_000,
         extra: Mapping[str, Any] | None = None,
+        reset_after_s: float | None = None,
+        producer_factory: Callable[[dict[str, Any]], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from confluent_kafka import Producer
 
@@ -62,8 +80,20 @@ class KafkaTransport:
             "error_cb": self._on_error,
         }
         conf.update(extra or {})
-        # librdkafka logs to stderr by default; route it through logging so apps control it.
-        self._producer: Any = Producer(conf, logger=logging.getLogger("meterline.sdk.kafka"))
+        self._conf = conf
+        self._make = producer_factory or (
+            # librdkafka logs to stderr by default; route it through logging so apps control it.
+            lambda c: Producer(c, logger=logging.getLogger("meterline.sdk.kafka")))
+        self._producer: Any = self._make(conf)
+        # Producers replaced by a reset, still serving the delivery reports of what they
+        # held (purged: each comes back as a failure and goes to the spool).
+        self._retired: list[Any] = []
+        self.reset_after_s = (reset_after_s if reset_after_s is not None
+                              else delivery_timeout_ms / 1000)
+        self.resets = 0
+        self._clock = clock
+        self._failing_since: float | None = None
+        self._last_reset = clock()
 
     def _on_error(self, err: Any) -> None:
         from confluent_kafka import KafkaError
@@ -84,9 +114,12 @@ class KafkaTransport:
     def send(self, topic: str, partition: int, payload: bytes, on_done: OnDone) -> None:
         def report(err: Any, _msg: Any) -> None:
             if err is None:
+                self._failing_since = None
                 self.broker_down.clear()
                 on_done(None)
             else:
+                if self._failing_since is None:
+                    self._failing_since = self._clock()
                 on_done(DeliveryError(str(err)))
 
         try:
@@ -97,16 +130,45 @@ class KafkaTransport:
 
     def poll(self, timeout_s: float) -> None:
         self._producer.poll(timeout_s)
+        if self._retired:
+            for old in self._retired:
+                old.poll(0)
+            # Dropping the last reference destroys librdkafka's handle and its threads.
+            self._retired = [old for old in self._retired if len(old)]
+        self._reset_if_stuck()
+
+    def _reset_if_stuck(self) -> None:
+        since, now = self._failing_since, self._clock()
+        if since is None or now - since < self.reset_after_s \
+                or now - self._last_reset < self.reset_after_s:
+            return
+        log.warning("meterline emitter: no Kafka acknowledgement for %.0f s while deliveries "
+                    "fail; replacing the producer (its %d unacknowledged messages are "
+                    "spooled and replayed)", now - since, len(self._producer))
+        old, self._producer = self._producer, self._make(self._conf)
+        self.resets += 1
+        self._last_reset, self._failing_since = now, None
+        try:
+            old.purge(True, True, False)  # queued and in flight; do not wait
+        except Exception:  # a producer that cannot purge still times its messages out
+            log.warning("purging the replaced producer failed", exc_info=True)
+        old.poll(0)
+        if len(old):
+            self._retired.append(old)
 
     def in_flight(self) -> int:
-        return len(self._producer)
+        producer, retired = self._producer, self._retired
+        return (len(producer) if producer is not None else 0) + sum(len(r) for r in retired)
 
     def close(self, timeout_s: float) -> None:
         if self._producer is not None:
             self._producer.flush(timeout_s)
+            for old in self._retired:
+                old.flush(0.1)
             # Dropping the last reference destroys librdkafka's handle and its threads, so a
             # closed emitter stops reconnecting to a broker that went away.
             self._producer = None
+            self._retired = []
 
 
 class MemoryTransport:

@@ -155,7 +155,7 @@ class ChdbStorage(StorageBase):
     def _run(self, sql: str, fmt: str, params: Params | None) -> Any:
         self._check_open()
         try:
-            return self._session.query(sql, fmt, params=dict(params) if params else None)
+            return self._session.query(sql, fmt, params=_escaped(params) if params else None)
         except RuntimeError as exc:  # chdb.ChdbError derives from RuntimeError
             raise QueryError(f"chDB: {exc}", sql) from exc
 
@@ -217,6 +217,15 @@ class ChdbStorage(StorageBase):
         # this local must be spelled exactly like _ROWS_VARIABLE.
         _meterline_insert_rows = data  # noqa: F841 - read by chDB through the frame
         self._run(sql, "Null", None)
+
+
+def _escaped(params: Params) -> dict[str, Any]:
+    """chDB parses a query parameter's text in ClickHouse's *escaped* format: a raw
+    backslash starts an escape (a backslash followed by b was bound as a backspace) and a
+    raw tab or newline is refused. Escaping them binds a customer id or a dimension value
+    exactly as given (found with hostile customer ids through the server's usage API)."""
+    return {k: v.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            if isinstance(v, str) else v for k, v in params.items()}
 
 
 def _decode_or_bytes(value: bytes | None) -> str | bytes | None:

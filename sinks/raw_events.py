@@ -3,7 +3,10 @@
 Inputs are column lists (what the batch decoder produces), quantities are ``int``
 nano-units (10**9 per unit) and times are UTC ``*_ms`` integers. Query objects render
 ``(sql, params)`` with ClickHouse ``{name:Type}`` placeholders and read the
-``raw_events_deduplicated`` view, so callers never deal with FINAL.
+``raw_events_deduplicated`` view, which counts each ``(customer, meter, event_id)`` once
+(its first delivery in log order, as the rollups do), so callers never deal with
+duplicates. Inserts are split so that no block spans more than
+``MAX_PARTITIONS_PER_INSERT`` months.
 """
 
 from __future__ import annotations
@@ -13,7 +16,21 @@ from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any
 
-from meterline.core.quantity import INT64_MAX, INT64_MIN, MAX_NANOS, to_nanos
+from meterline.core.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
+from meterline.core.outputs import DeadLetterRecord
+from meterline.core.quantity import INT64_MAX, INT64_MIN, MAX_NANOS, SCALE_DIGITS
+from meterline.sinks.columns import (
+    INT32_MAX,
+    INT32_MIN,
+    Columns,
+    check_ints,
+    check_lengths,
+    month_of_ms,
+    partition_groups,
+    pick,
+    range_errors,
+    require,
+)
 from meterline.sinks.exceptions import SinkConfigError, SinkError
 from meterline.sinks.schema import (
     DEAD_LETTER_STAGES,
@@ -36,58 +53,43 @@ __all__ = [
 ]
 
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
 # Skip ReplacingMergeTree's collapse at insert time: readers collapse with FINAL anyway and
 # background merges do it for storage; measured ~30% faster inserts on chDB.
 RAW_INSERT_SETTINGS: Mapping[str, Any] = {"optimize_on_insert": 0}
 
 
 def nano_from_decimal(value: object) -> int:
-    """A ``Decimal(38, 9)`` result (``decimal.Decimal`` from both drivers) -> int nano-units.
+    """A Decimal result with scale 9 (``decimal.Decimal`` from both drivers) -> int nano-units.
 
-    Exact (digit arithmetic in ``meterline.core.quantity``); anything but a Decimal is
-    refused so a float can never slip into a total.
+    Exact digit arithmetic, no decimal context, and no range limit: a *total* may exceed
+    what one quantity may be (the query helpers sum in Decimal(76, 9)). Anything but a
+    finite Decimal with at most 9 fractional digits is refused, so a float can never slip
+    into a total.
     """
     if not isinstance(value, Decimal):
         raise SinkError(f"expected a Decimal quantity from ClickHouse, got {type(value).__name__}")
-    return to_nanos(value)
-
-
-def _check_lengths(columns: Mapping[str, Sequence[Any]], errors: list[str]) -> None:
-    lengths = {name: len(values) for name, values in columns.items()}
-    if len(set(lengths.values())) > 1:
-        errors.append(f"columns have different lengths: {lengths}")
-
-
-def _check_ints(
-    name: str, values: Sequence[Any], errors: list[str], low: int = INT64_MIN, high: int = INT64_MAX
-) -> None:
-    # A float would be truncated on its way into an integer column; on the billing path
-    # that is a silently wrong invoice, so every value is checked (~40 ms per million).
-    if not values:
-        return
-    kinds = set(map(type, values))
-    if kinds != {int}:
-        bad = sorted(k.__name__ for k in kinds - {int})
-        errors.append(f"{name} must hold only int values, found {', '.join(bad)}")
-    elif min(values) < low or max(values) > high:
-        errors.append(f"{name} has values outside [{low}, {high}]")
-
-
-class _Columns:
-    """Shared by the column bundles: length is the first column's, columns by field name."""
-
-    def __len__(self) -> int:
-        return len(getattr(self, fields(self)[0].name))  # type: ignore[arg-type]
-
-    def as_columns(self) -> dict[str, Sequence[Any]]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+    if not value.is_finite():
+        raise SinkError(f"expected a finite Decimal from ClickHouse, got {value}")
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    shift = exponent + SCALE_DIGITS
+    if shift >= 0:
+        nanos = int("".join(map(str, digits))) * 10**shift
+    else:
+        keep = max(len(digits) + shift, 0)  # digits left of the 9th fractional place
+        if any(digits[keep:]):
+            raise SinkError(f"{value} has more than {SCALE_DIGITS} fractional digits")
+        nanos = int("".join(map(str, digits[:keep])) or "0")
+    return -nanos if sign else nanos
 
 
 @dataclass(frozen=True)
-class RawEventColumns(_Columns):
-    """A batch of validated events, one list per column (index i is event i)."""
+class RawEventColumns(Columns):
+    """A batch of validated events, one list per column (index i is event i).
+
+    ``source_partition``/``source_offset``/``position`` are the delivery's log position
+    (the first delivery of an event id is the one readers count); left out, they are -1.
+    """
 
     event_id: Sequence[str]
     batch_id: Sequence[str]
@@ -98,23 +100,45 @@ class RawEventColumns(_Columns):
     dimensions: Sequence[Mapping[str, str]]
     source: Sequence[str]
     ingested_at_ms: Sequence[int]
+    source_partition: Sequence[int] | None = None
+    source_offset: Sequence[int] | None = None
+    position: Sequence[int] | None = None
+
+    def as_columns(self) -> dict[str, Sequence[Any]]:
+        columns = super().as_columns()
+        for name in _POSITION_COLUMNS:
+            if columns[name] is None:
+                columns[name] = [-1] * len(self)
+        return columns
 
     def validate(self) -> None:
-        """Raise :class:`SinkConfigError` listing every problem found."""
+        """Raise :class:`SinkConfigError` listing every problem found.
+
+        Writers validate each event before it gets here (the raw stage dead-letters what
+        storage cannot hold), so this is the last guard against a programming error.
+        """
         errors: list[str] = []
         columns = self.as_columns()
-        _check_lengths(columns, errors)
+        check_lengths(columns, errors)
         # A single quantity may exceed Int64 (core carries it as a decimal string on the
         # wire); it must still fit Decimal(38, 9).
-        _check_ints("quantity_nano", self.quantity_nano, errors, -MAX_NANOS, MAX_NANOS)
-        for name in ("timestamp_ms", "ingested_at_ms"):
-            _check_ints(name, columns[name], errors)
+        check_ints("quantity_nano", self.quantity_nano, errors, -MAX_NANOS, MAX_NANOS)
+        check_ints("timestamp_ms", self.timestamp_ms, errors,
+                   MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS - 1)
+        check_ints("ingested_at_ms", self.ingested_at_ms, errors, INT64_MIN, INT64_MAX)
+        check_ints("source_partition", columns["source_partition"], errors,
+                   INT32_MIN, INT32_MAX)
+        check_ints("source_offset", columns["source_offset"], errors, INT64_MIN, INT64_MAX)
+        check_ints("position", columns["position"], errors, INT32_MIN, INT32_MAX)
         if errors:
             raise SinkConfigError("raw event columns", errors)
 
 
+_POSITION_COLUMNS = ("source_partition", "source_offset", "position")
+
+
 @dataclass(frozen=True)
-class DeadLetterColumns(_Columns):
+class DeadLetterColumns(Columns):
     """Rejected records and events, one list per column. ``payload`` keeps the original
     bytes of a whole record (``position`` -1), or the rejected event as JSON.
 
@@ -133,14 +157,29 @@ class DeadLetterColumns(_Columns):
     reason: Sequence[str]
     payload: Sequence[bytes | str]
 
+    @classmethod
+    def from_records(cls, records: Sequence[DeadLetterRecord], stage: str) -> DeadLetterColumns:
+        return cls(
+            received_at_ms=[r.received_at_ms for r in records],
+            source=[r.source for r in records],
+            source_partition=[r.partition for r in records],
+            source_offset=[r.offset for r in records],
+            position=[r.position for r in records],
+            stage=[stage] * len(records),
+            batch_id=[r.batch_id for r in records],
+            event_id=[r.event_id for r in records],
+            reason=[r.reason for r in records],
+            payload=[r.payload for r in records],
+        )
+
     def validate(self) -> None:
         errors: list[str] = []
         columns = self.as_columns()
-        _check_lengths(columns, errors)
+        check_lengths(columns, errors)
         for name in ("received_at_ms", "source_offset"):
-            _check_ints(name, columns[name], errors)
+            check_ints(name, columns[name], errors, INT64_MIN, INT64_MAX)
         for name in ("source_partition", "position"):
-            _check_ints(name, columns[name], errors, INT32_MIN, INT32_MAX)
+            check_ints(name, columns[name], errors, INT32_MIN, INT32_MAX)
         unknown = set(self.stage) - set(DEAD_LETTER_STAGES)
         if unknown:
             errors.append(f"stage must be one of {', '.join(DEAD_LETTER_STAGES)}, "
@@ -150,6 +189,7 @@ class DeadLetterColumns(_Columns):
 
 
 _RAW_COLUMN_NAMES = tuple(f.name for f in fields(RawEventColumns))
+assert _RAW_COLUMN_NAMES[-3:] == _POSITION_COLUMNS
 _RAW_TYPES = RAW_EVENTS.insert_types(_RAW_COLUMN_NAMES)
 _DEAD_LETTER_COLUMN_NAMES = tuple(f.name for f in fields(DeadLetterColumns))
 _DEAD_LETTER_TYPES = DEAD_LETTERS.insert_types(_DEAD_LETTER_COLUMN_NAMES)
@@ -160,18 +200,18 @@ def insert_raw_events(
 ) -> int:
     """Validate and insert ``rows`` into ``raw_events``; returns the number of rows.
 
-    Re-inserting an event (same customer, meter, timestamp_ms, event_id) is harmless:
-    readers see it once.
+    Re-inserting an event, or inserting another delivery of it (same customer, meter and
+    event_id), is harmless: readers see its first delivery once. Rows spanning more than
+    ``MAX_PARTITIONS_PER_INSERT`` months go in several inserts.
     """
     rows.validate()
     if len(rows) == 0:
         return 0
-    storage.insert_columns(
-        RAW_EVENTS.qualified(database or storage.database),
-        rows.as_columns(),
-        _RAW_TYPES,
-        RAW_INSERT_SETTINGS,
-    )
+    table = RAW_EVENTS.qualified(database or storage.database)
+    columns = rows.as_columns()
+    groups = partition_groups(rows.timestamp_ms, month_of_ms)
+    for part in [columns] if groups is None else [pick(columns, g) for g in groups]:
+        storage.insert_columns(table, part, _RAW_TYPES, RAW_INSERT_SETTINGS)
     return len(rows)
 
 
@@ -194,21 +234,6 @@ def insert_dead_letters(
 # --------------------------------------------------------------------------- queries
 
 
-def _require(errors: list[str], what: str) -> None:
-    if errors:
-        raise SinkConfigError(what, errors)
-
-
-def _range_errors(start_ms: int | None, end_ms: int | None) -> list[str]:
-    errors = []
-    for name, value in (("start_ms", start_ms), ("end_ms", end_ms)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            errors.append(f"{name} must be int milliseconds, got {value!r}")
-    if not errors and start_ms is not None and end_ms is not None and start_ms >= end_ms:
-        errors.append(f"empty range: start_ms {start_ms} >= end_ms {end_ms}")
-    return errors
-
-
 @dataclass(frozen=True)
 class UsageTotals:
     quantity_nano: int
@@ -226,12 +251,12 @@ class UsageQuery:
     database: str = DEFAULT_DATABASE
 
     def to_sql(self) -> tuple[str, dict[str, Any]]:
-        errors = _range_errors(self.start_ms, self.end_ms)
+        errors = range_errors(self.start_ms, self.end_ms)
         if not is_identifier(self.database):
             errors.append(f"database {self.database!r} is not a plain identifier")
-        _require(errors, "usage query")
+        require(errors, "usage query")
         sql = (
-            "SELECT sum(quantity) AS quantity, count() AS events\n"
+            "SELECT sum(toDecimal256(quantity, 9)) AS quantity, count() AS events\n"
             f"FROM {RAW_EVENTS_DEDUPLICATED.qualified(self.database)}\n"
             "WHERE customer = {customer:String}\n"
             "  AND meter = {meter:String}\n"
@@ -276,10 +301,10 @@ class UsageSummaryQuery:
     database: str = DEFAULT_DATABASE
 
     def to_sql(self) -> tuple[str, dict[str, Any]]:
-        errors = _range_errors(self.start_ms, self.end_ms)
+        errors = range_errors(self.start_ms, self.end_ms)
         if not is_identifier(self.database):
             errors.append(f"database {self.database!r} is not a plain identifier")
-        _require(errors, "usage summary query")
+        require(errors, "usage summary query")
         conditions: list[str] = []
         params: dict[str, Any] = {}
         if self.customer is not None:
@@ -293,7 +318,7 @@ class UsageSummaryQuery:
             params["end_ms"] = self.end_ms
         where = ("WHERE " + "\n  AND ".join(conditions) + "\n") if conditions else ""
         sql = (
-            "SELECT customer, meter, sum(quantity) AS quantity, count() AS events,"
+            "SELECT customer, meter, sum(toDecimal256(quantity, 9)) AS quantity, count() AS events,"
             " min(timestamp_ms) AS first_timestamp_ms, max(timestamp_ms) AS last_timestamp_ms\n"
             f"FROM {RAW_EVENTS_DEDUPLICATED.qualified(self.database)}\n"
             f"{where}"

@@ -12,13 +12,20 @@ from dataclasses import dataclass, field, fields
 from meterline.core.events import METER_NAME_RE
 from meterline.sinks.exceptions import SinkConfigError, SinkError
 
-__all__ = ["PER_METER_FIELDS", "RetentionPolicy"]
+__all__ = ["DATETIME_MAX_S", "PER_METER_FIELDS", "RETENTION_MARGIN_MS", "RetentionPolicy"]
 
+
+# The last second ClickHouse DateTime holds (2106-02-07T06:28:15Z): TTLs saturate there.
+DATETIME_MAX_S = 2**32 - 1
+# Rows whose TTL falls within this margin of the writer's clock are treated as already
+# expired: the ClickHouse server's clock may run a little ahead of the writer's, and the
+# insert happens a moment after the check. Such a row would be deleted right away anyway.
+RETENTION_MARGIN_MS = 10 * 60_000
 
 # Retention fields a per-meter override may set: those of the tables with a meter column
 # (a dead letter may not even have a readable meter).
 PER_METER_FIELDS = ("raw_events_days", "late_events_days", "hourly_rollups_days",
-                    "daily_rollups_days")
+                    "daily_rollups_days", "anomalies_days")
 # Coarser data outliving finer data is the point of rollups; the reverse is almost
 # certainly a typo in the config.
 _FINER_TO_COARSER = ("raw_events_days", "hourly_rollups_days", "daily_rollups_days")
@@ -46,11 +53,21 @@ class RetentionPolicy:
     hourly_rollups_days: int = 400  # ~13 months: compare a month with the same month last year
     daily_rollups_days: int = 2557  # ~7 years: common statutory retention for billing records
     late_events_days: int = 400  # as long as the hourly rollups they would have corrected
+    anomalies_days: int = 400  # anomaly events: as long as the hourly rollups they explain
+    # Not a TTL: how long after its hourly window ended a late event may still arrive and be
+    # restated into hourly_usage/daily_usage (docs/rollups.md, "Late usage is restated").
+    # 35 days: Stripe accepts usage backdated that far, and a spool replay after a long
+    # outage must land. Baked into the views by migrate.
+    restatement_horizon_days: int = 35
     meters: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
 
     @classmethod
     def day_fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.name != "meters")
+
+    @property
+    def restatement_horizon_ms(self) -> int:
+        return self.restatement_horizon_days * 86_400_000
 
     def days_for(self, key: str, meter: str | None = None) -> int:
         """Days for ``key``; with ``meter``, that meter's override if it has one."""
@@ -62,6 +79,12 @@ class RetentionPolicy:
             if override is not None:
                 return override
         return value
+
+    def expires_at_ms(self, key: str, age_ms: int, meter: str | None = None) -> int:
+        """When ClickHouse's TTL deletes a row whose age column is ``age_ms``: the Python
+        twin of ``TtlRule`` (whole seconds, saturating at DateTime's last second)."""
+        days = self.days_for(key, meter)
+        return min(age_ms // 1000 + days * 86_400, DATETIME_MAX_S) * 1000
 
     def overrides(self, key: str) -> list[tuple[str, int]]:
         """``(meter, days)`` overriding ``key``, sorted by meter so the TTL text is stable."""
@@ -79,6 +102,14 @@ class RetentionPolicy:
                     if a > b:
                         scope = "" if meter is None else f"meters.{meter}: "
                         errors.append(f"{scope}{finer} ({a}) exceeds {coarser} ({b})")
+                # A restated late event must outlive its arrival: late_events' TTL runs
+                # from the window start, the horizon from the window end.
+                late = self.days_for("late_events_days", meter)
+                if self.restatement_horizon_days >= late:
+                    scope = "" if meter is None else f"meters.{meter}: "
+                    errors.append(f"{scope}restatement_horizon_days "
+                                  f"({self.restatement_horizon_days}) must be below "
+                                  f"late_events_days ({late})")
         if errors:
             raise SinkConfigError("retention policy", errors)
 

@@ -29,11 +29,19 @@ Design notes for ``raw_events``:
   no float anywhere - and the same insert works for both drivers.
 * Time is ``timestamp_ms Int64``. Partitioning and TTL are expressions of it (ClickHouse
   keeps a min/max index on it, so time-range filters prune partitions); ``event_time``
-  is a zero-storage ALIAS for Grafana-style readers.
-* ``ReplacingMergeTree(ingested_at_ms)`` ordered by ``(customer, meter, timestamp_ms,
-  event_id)``: a redelivered event has the same sorting key and collapses to one row (the
-  last delivery wins); per-customer time-range reads are a contiguous key range. Collapse
-  happens at merge time, so readers go through ``raw_events_deduplicated`` (``FINAL``).
+  is a zero-storage ALIAS for Grafana-style readers. Accepted times end where DateTime
+  does (``meterline.core.events.MAX_TIMESTAMP_MS``), and TTLs saturate at DateTime's end
+  instead of wrapping around to 1970 (which would delete a row at once).
+* The idempotency scope is ``(customer, meter, event_id)`` - the rollup fold's - and the
+  *first* copy in log order ``(source_partition, source_offset, position)`` is the one
+  that counts, as in the rollups. The table is an append log of deliveries: its sorting
+  key ends with that log position, so ReplacingMergeTree collapses only a replay of the
+  very same record (identical rows), never two different deliveries. A retried
+  ``emit(id=...)`` without a timestamp gets a new ``timestamp_ms``, possibly in another
+  month, i.e. another partition, and ClickHouse never merges across partitions, so the
+  collapse cannot be left to the engine: ``raw_events_deduplicated`` groups by the scope
+  and takes every column from the first copy (``argMin`` by log position). Time filters on
+  the view apply to the surviving copy's time, as the rollups window it.
 
 Design notes for the rollups (``hourly_rollups``, ``daily_rollups``):
 
@@ -59,13 +67,24 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from meterline.sinks.exceptions import SinkConfigError, SinkError
+from meterline.sinks import anomaly_ddl, billing_tables
+from meterline.sinks.ddl import (
+    Column,
+    Table,
+    TtlRule,
+    View,
+    check_identifier,
+    exact_decimal,
+    month_of,
+    seconds_of,
+    sql_string,
+    year_of,
+)
 from meterline.sinks.retention import PER_METER_FIELDS, RetentionPolicy
-from meterline.sinks.storage import is_identifier
 
 if TYPE_CHECKING:
     from meterline.sinks.storage import Storage
@@ -78,6 +97,7 @@ __all__ = [
     "HOURLY_ROLLUPS",
     "HOURLY_USAGE",
     "LATE_EVENTS",
+    "LATE_EVENTS_RESTATED",
     "MIGRATIONS",
     "PER_METER_FIELDS",
     "RAW_EVENTS",
@@ -100,185 +120,6 @@ __all__ = [
     "sql_string",
 ]
 
-ColumnKind = Literal["DEFAULT", "MATERIALIZED", "ALIAS", "EPHEMERAL"]
-
-# 9 decimal places: quantities travel as int nano-units (10**9 per unit) everywhere else.
-QUANTITY_SCALE = 9
-QUANTITY_TYPE = f"Decimal(38, {QUANTITY_SCALE})"
-
-
-def sql_string(value: str) -> str:
-    """A ClickHouse single-quoted string literal (for COMMENTs and other DDL text)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _check_identifier(name: str, what: str) -> None:
-    if not is_identifier(name):
-        raise SinkConfigError(what, [f"{name!r} is not a plain identifier [A-Za-z_][A-Za-z0-9_]*"])
-
-
-# --------------------------------------------------------------------------- objects
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    type: str
-    kind: ColumnKind | None = None
-    expression: str | None = None
-    comment: str = ""
-
-    @property
-    def insertable(self) -> bool:
-        return self.kind in (None, "DEFAULT", "EPHEMERAL")
-
-    def ddl(self) -> str:
-        parts = [self.name, self.type]
-        if self.kind is not None:
-            parts.append(self.kind)
-            if self.expression is not None:
-                parts.append(self.expression)
-        if self.comment:
-            parts.append("COMMENT " + sql_string(self.comment))
-        return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class TtlRule:
-    """Rows expire ``RetentionPolicy.<retention_field>`` days after ``age_expression``.
-
-    With ``meter_column`` set, per-meter overrides of that field become extra rules.
-    """
-
-    age_expression: str
-    retention_field: str
-    meter_column: str | None = None
-
-    def expression(self, retention: RetentionPolicy) -> str:
-        default = self._rule(retention.days_for(self.retention_field))
-        overrides = retention.overrides(self.retention_field)
-        if not overrides:
-            return default
-        if self.meter_column is None:
-            raise SinkError(f"{self.retention_field} cannot be overridden per meter")
-        col = self.meter_column
-        names = ", ".join(sql_string(meter) for meter, _ in overrides)
-        # Every row must match exactly one rule: a row matched by the default rule too
-        # would expire at the earlier of the two dates.
-        rules = [f"{default} DELETE WHERE {col} NOT IN ({names})"]
-        rules += [f"{self._rule(days)} DELETE WHERE {col} = {sql_string(meter)}"
-                  for meter, days in overrides]
-        return ",\n    ".join(rules)
-
-    def _rule(self, days: int) -> str:
-        return f"{self.age_expression} + toIntervalDay({days})"
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str
-    columns: tuple[Column, ...]
-    engine: str
-    order_by: tuple[str, ...]
-    partition_by: str | None = None
-    ttl: TtlRule | None = None
-    comment: str = ""
-
-    def qualified(self, database: str) -> str:
-        _check_identifier(database, "database name")
-        return f"{database}.{self.name}"
-
-    def column(self, name: str) -> Column:
-        for col in self.columns:
-            if col.name == name:
-                return col
-        raise SinkError(f"table {self.name} has no column {name!r}")
-
-    def insert_types(self, names: Iterable[str]) -> dict[str, str]:
-        """ClickHouse types for an insert of ``names`` (what ``Storage.insert_columns`` needs)."""
-        types: dict[str, str] = {}
-        for name in names:
-            col = self.column(name)
-            if not col.insertable:
-                raise SinkError(f"{self.name}.{name} is {col.kind} and cannot be inserted")
-            types[name] = col.type
-        return types
-
-    def create_sql(self, database: str, retention: RetentionPolicy) -> str:
-        lines = [f"CREATE TABLE IF NOT EXISTS {self.qualified(database)}", "("]
-        lines.append(",\n".join(f"    {col.ddl()}" for col in self.columns))
-        lines.append(")")
-        lines.append(f"ENGINE = {self.engine}")
-        if self.partition_by:
-            lines.append(f"PARTITION BY {self.partition_by}")
-        lines.append(f"ORDER BY ({', '.join(self.order_by)})")
-        if self.ttl is not None:
-            lines.append(f"TTL {self.ttl.expression(retention)}")
-        if self.comment:
-            lines.append("COMMENT " + sql_string(self.comment))
-        return "\n".join(lines)
-
-    def modify_ttl_sql(self, database: str, retention: RetentionPolicy) -> str:
-        if self.ttl is None:
-            raise SinkError(f"table {self.name} has no TTL")
-        return f"ALTER TABLE {self.qualified(database)} MODIFY TTL {self.ttl.expression(retention)}"
-
-
-@dataclass(frozen=True)
-class View:
-    """A reader-facing view over ``source``.
-
-    Either ``columns`` (``SELECT columns FROM source [FINAL]``; ``final`` collapses
-    ReplacingMergeTree rows) or a full ``query`` in which ``{source}`` stands for the
-    qualified source table.
-    """
-
-    name: str
-    source: Table
-    columns: tuple[str, ...] = ()
-    final: bool = True
-    query: str | None = None
-
-    def qualified(self, database: str) -> str:
-        _check_identifier(database, "database name")
-        return f"{database}.{self.name}"
-
-    def create_sql(self, database: str) -> str:
-        head = f"CREATE OR REPLACE VIEW {self.qualified(database)} AS\n"
-        if self.query is not None:
-            return head + self.query.replace("{source}", self.source.qualified(database))
-        final = " FINAL" if self.final else ""
-        return (
-            f"{head}SELECT {', '.join(self.columns)}\n"
-            f"FROM {self.source.qualified(database)}{final}"
-        )
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _month_of(ms_column: str) -> str:
-    return f"toYYYYMM(fromUnixTimestamp64Milli({ms_column}, 'UTC'))"
-
-
-def _year_of(ms_column: str) -> str:
-    return f"toYear(fromUnixTimestamp64Milli({ms_column}, 'UTC'))"
-
-
-def _seconds_of(ms_column: str) -> str:
-    return f"toDateTime(intDiv({ms_column}, 1000))"
-
-
-def _exact_decimal(name: str, what: str) -> tuple[Column, Column]:
-    """``<name>_nano Int128 EPHEMERAL`` and ``<name> Decimal(38, 9)`` derived from it exactly."""
-    return (
-        Column(f"{name}_nano", "Int128", "EPHEMERAL",
-               comment=f"insert-only: exact {what} in 10^-9 units"),
-        Column(name, QUANTITY_TYPE, "DEFAULT",
-               f"reinterpret({name}_nano, 'Decimal128({QUANTITY_SCALE})')"),
-    )
-
-
 RAW_EVENTS = Table(
     name="raw_events",
     columns=(
@@ -286,22 +127,32 @@ RAW_EVENTS = Table(
         Column("batch_id", "String", comment="SDK/ingest batch the event arrived in"),
         Column("customer", "String"),
         Column("meter", "LowCardinality(String)"),
-        *_exact_decimal("quantity", "quantity"),
+        *exact_decimal("quantity", "quantity"),
         Column("timestamp_ms", "Int64", comment="event time, UTC milliseconds"),
         Column("event_time", "DateTime64(3, 'UTC')", "ALIAS",
                "fromUnixTimestamp64Milli(timestamp_ms, 'UTC')"),
         Column("dimensions", "Map(String, String)"),
         Column("source", "LowCardinality(String)", comment="topic or ingest endpoint"),
-        Column("ingested_at_ms", "Int64", comment="write time, UTC ms; last delivery wins"),
+        Column("ingested_at_ms", "Int64", comment="write time, UTC ms"),
+        Column("source_partition", "Int32", comment="Kafka partition of the delivery"),
+        Column("source_offset", "Int64", comment="Kafka offset of the delivery"),
+        Column("position", "Int32", comment="event index in the batch"),
     ),
+    # Collapses only replays of one delivery: see the module docstring.
     engine="ReplacingMergeTree(ingested_at_ms)",
-    partition_by=_month_of("timestamp_ms"),
-    order_by=("customer", "meter", "timestamp_ms", "event_id"),
-    ttl=TtlRule(_seconds_of("timestamp_ms"), "raw_events_days", meter_column="meter"),
-    comment="Validated usage events; read through raw_events_deduplicated",
+    partition_by=month_of("timestamp_ms"),
+    primary_key=("customer", "meter", "timestamp_ms", "event_id"),
+    order_by=("customer", "meter", "timestamp_ms", "event_id", "source_partition",
+              "source_offset", "position"),
+    added_columns=("source_partition", "source_offset", "position"),
+    ttl=TtlRule(seconds_of("timestamp_ms"), "raw_events_days", meter_column="meter"),
+    comment="Validated usage events, one row per delivery; read through "
+            "raw_events_deduplicated",
 )
 
-DEAD_LETTER_STAGES = ("raw", "rollup")
+# raw | rollup: the stage that rejected an event or record; load: a row or output record
+# the ClickHouse writer could not store (or one past its table's retention).
+DEAD_LETTER_STAGES = ("raw", "rollup", "load")
 
 DEAD_LETTERS = Table(
     name="dead_letters",
@@ -311,7 +162,7 @@ DEAD_LETTERS = Table(
         Column("source_partition", "Int32", comment="Kafka partition, -1 if none"),
         Column("source_offset", "Int64", comment="Kafka offset, -1 if none"),
         Column("position", "Int32", comment="event index in the batch, -1 = whole record"),
-        Column("stage", "LowCardinality(String)", comment="raw | rollup: who rejected it"),
+        Column("stage", "LowCardinality(String)", comment="raw | rollup | load: who rejected it"),
         Column("batch_id", "String"),
         Column("event_id", "String", comment="empty for a whole record"),
         Column("reason", "String"),
@@ -324,13 +175,13 @@ DEAD_LETTERS = Table(
     # across partitions); dead letters are few, one partition costs nothing.
     engine="ReplacingMergeTree",
     order_by=("source", "source_partition", "source_offset", "position", "stage"),
-    ttl=TtlRule(_seconds_of("received_at_ms"), "dead_letters_days"),
+    ttl=TtlRule(seconds_of("received_at_ms"), "dead_letters_days"),
     comment="Records and events the pipeline could not accept, with the reason; read FINAL",
 )
 
 
 def _rollup_table(name: str, partition_by: str, retention_field: str, window: str) -> Table:
-    value_nano, value = _exact_decimal("value", "window total")
+    value_nano, value = exact_decimal("value", "window total")
     return Table(
         name=name,
         columns=(
@@ -354,14 +205,14 @@ def _rollup_table(name: str, partition_by: str, retention_field: str, window: st
         # customer, meter, window first: per-customer time-range reads are one key range.
         order_by=("customer", "meter", "window_start_ms", "group_key", "source",
                   "source_partition"),
-        ttl=TtlRule(_seconds_of("window_start_ms"), retention_field, meter_column="meter"),
+        ttl=TtlRule(seconds_of("window_start_ms"), retention_field, meter_column="meter"),
         comment=f"{window} totals per source partition; read through {window}_usage",
     )
 
 
-HOURLY_ROLLUPS = _rollup_table("hourly_rollups", _month_of("window_start_ms"),
+HOURLY_ROLLUPS = _rollup_table("hourly_rollups", month_of("window_start_ms"),
                                "hourly_rollups_days", "hourly")
-DAILY_ROLLUPS = _rollup_table("daily_rollups", _year_of("window_start_ms"),
+DAILY_ROLLUPS = _rollup_table("daily_rollups", year_of("window_start_ms"),
                               "daily_rollups_days", "daily")
 
 LATE_EVENTS = Table(
@@ -376,7 +227,7 @@ LATE_EVENTS = Table(
         Column("meter", "LowCardinality(String)"),
         Column("group_key", "String"),
         Column("dimensions", "Map(String, String)"),
-        *_exact_decimal("quantity", "quantity"),
+        *exact_decimal("quantity", "quantity"),
         Column("timestamp_ms", "Int64", comment="event time, UTC ms"),
         Column("window_start_ms", "Int64", comment="the hourly window it missed"),
         Column("received_at_ms", "Int64", comment="Kafka record timestamp, UTC ms"),
@@ -385,9 +236,9 @@ LATE_EVENTS = Table(
     # of the same late event both collapse. window_start_ms derives from the event, so
     # partitioning by it keeps duplicates together.
     engine="ReplacingMergeTree",
-    partition_by=_month_of("window_start_ms"),
+    partition_by=month_of("window_start_ms"),
     order_by=("customer", "meter", "window_start_ms", "event_id"),
-    ttl=TtlRule(_seconds_of("window_start_ms"), "late_events_days", meter_column="meter"),
+    ttl=TtlRule(seconds_of("window_start_ms"), "late_events_days", meter_column="meter"),
     comment="Events that arrived after their window closed: in no rollup; read FINAL",
 )
 
@@ -404,33 +255,183 @@ SCHEMA_META = Table(
     comment="Applied schema version, TTLs and view digests (written by migrate)",
 )
 
+# The first delivery of each (customer, meter, event_id) in log order (see the module
+# docstring). One argMin over a tuple picks every column from the same row. GROUP BY rather
+# than LIMIT 1 BY: ClickHouse pushes filters on grouping keys (customer, meter) below an
+# aggregation, and keeps filters on the picked columns (timestamp_ms) above it.
+_FIRST_COPY = ("batch_id", "quantity", "timestamp_ms", "dimensions", "source",
+               "ingested_at_ms", "source_partition", "source_offset", "position")
+_RAW_DEDUPLICATED_QUERY = (
+    "SELECT event_id, first.1 AS batch_id, customer, meter, first.2 AS quantity,\n"
+    "    first.3 AS timestamp_ms, fromUnixTimestamp64Milli(first.3, 'UTC') AS event_time,\n"
+    "    first.4 AS dimensions, first.5 AS source, first.6 AS ingested_at_ms,\n"
+    "    first.7 AS source_partition, first.8 AS source_offset, first.9 AS position,\n"
+    "    deliveries\n"
+    "FROM (\n"
+    "    SELECT customer, meter, event_id,\n"
+    f"        argMin(({', '.join(_FIRST_COPY)}),\n"
+    "               (source_partition, source_offset, position)) AS first,\n"
+    "        count() AS deliveries\n"
+    "    FROM {source}\n"
+    "    GROUP BY customer, meter, event_id\n"
+    ")"
+)
+
 RAW_EVENTS_DEDUPLICATED = View(
     name="raw_events_deduplicated",
     source=RAW_EVENTS,
-    columns=("event_id", "batch_id", "customer", "meter", "quantity", "timestamp_ms",
-             "event_time", "dimensions", "source", "ingested_at_ms"),
+    query=_RAW_DEDUPLICATED_QUERY,
+)
+
+# Late events, one row per (customer, meter, event_id) - its first copy in log order, the
+# idempotency scope - with whether the usage views restate it, and why not:
+# * beyond_restatement_horizon: it arrived more than the horizon after its hourly window
+#   ended (``RetentionPolicy.restatement_horizon_days``, baked in by migrate);
+# * counted_before: raw_events holds an earlier delivery of the same id from the same
+#   source. The fold forgets an id once its dedupe horizon has passed and its window
+#   closed, so a resend after that reaches late_events although the original was counted
+#   (on time, in a rollup, or as an earlier late copy): restating it would count it twice.
+#   When raw has no row for the id (not loaded yet, or past raw retention) this cannot be
+#   checked and the event is restated.
+# Grouping by the scope (rather than FINAL) also collapses a resend in another window.
+_LATE_FIRST = ("group_key", "dimensions", "quantity", "timestamp_ms", "window_start_ms",
+               "received_at_ms", "source", "source_partition", "source_offset", "position")
+_LATE_RESTATED_QUERY = (
+    "SELECT customer, meter, event_id, group_key, dimensions, quantity, timestamp_ms,\n"
+    "    window_start_ms, received_at_ms, source, source_partition, source_offset, position,\n"
+    "    received_at_ms - (window_start_ms + 3600000) AS delay_ms,\n"
+    "    multiIf(delay_ms > {restatement_horizon_ms}, 'beyond_restatement_horizon',\n"
+    "            raw.found = 1 AND raw.source = source AND\n"
+    "            (raw.source_partition, raw.source_offset, raw.position)\n"
+    "                < (source_partition, source_offset, position), 'counted_before',\n"
+    "            '') AS reason,\n"
+    "    reason = '' AS restated\n"
+    "FROM (\n"
+    "    SELECT customer, meter, event_id,\n"
+    + "".join(f"        first.{i} AS {name},\n" for i, name in enumerate(_LATE_FIRST, 1))
+    + "        1 AS late_row\n"
+    "    FROM (\n"
+    "        SELECT customer, meter, event_id,\n"
+    f"            argMin(({', '.join(_LATE_FIRST)}),\n"
+    "                   (source_partition, source_offset, position)) AS first\n"
+    "        FROM {source}\n"
+    "        GROUP BY customer, meter, event_id\n"
+    "    )\n"
+    ") AS late\n"
+    "LEFT JOIN (\n"
+    "    SELECT customer, meter, event_id, source, source_partition, source_offset, position,\n"
+    "        toUInt8(1) AS found\n"
+    "    FROM {database}.raw_events_deduplicated\n"
+    "    WHERE (customer, meter, event_id) IN (SELECT customer, meter, event_id FROM {source})\n"
+    ") AS raw ON raw.customer = late.customer AND raw.meter = late.meter\n"
+    "    AND raw.event_id = late.event_id\n"
+)
+
+LATE_EVENTS_RESTATED = View(
+    name="late_events_restated",
+    source=LATE_EVENTS,
+    query=_LATE_RESTATED_QUERY,
 )
 
 _WINDOW_KEY = ("customer", "meter", "group_key", "dimensions", "window_start_ms",
                "window_end_ms", "aggregation")
+_AGGREGATES = ("rollup_value", "rollup_events", "source_partitions", "updated_at_ms",
+               "late_count", "late_sum", "late_min", "late_max", "late_beyond", "has_rollup")
+_ZERO_DECIMAL = "toDecimal256(0, 9)"
 
-# See the module docstring for why each aggregation combines partitions this way. The
-# tuple makes latest's pick deterministic (a total order over a window's rows).
-_USAGE_QUERY = (
-    f"SELECT {', '.join(_WINDOW_KEY)},\n"
-    "    multiIf(aggregation = 'min', min(value),\n"
-    "            aggregation = 'max', max(value),\n"
-    "            aggregation = 'latest', argMax(value, (source, source_partition)),\n"
-    "            sum(value)) AS value,\n"
-    "    sum(events) AS events,\n"
-    "    count() AS source_partitions,\n"
-    "    max(updated_at_ms) AS updated_at_ms\n"
-    "FROM {source} FINAL\n"
-    f"GROUP BY {', '.join(_WINDOW_KEY)}"
-)
 
-HOURLY_USAGE = View(name="hourly_usage", source=HOURLY_ROLLUPS, query=_USAGE_QUERY)
-DAILY_USAGE = View(name="daily_usage", source=DAILY_ROLLUPS, query=_USAGE_QUERY)
+def _usage_query(window_ms: int) -> str:
+    """The usage view of one window length: rollup rows combined per window, plus the late
+    events restated into it (see the module docstring and docs/rollups.md)."""
+    rollups = (
+        f"    SELECT {', '.join(_WINDOW_KEY)},\n"
+        "        toDecimal256(multiIf(aggregation = 'min', min(value),\n"
+        "                             aggregation = 'max', max(value),\n"
+        "                             aggregation = 'latest',\n"
+        "                             argMax(value, (source, source_partition)),\n"
+        "                             sum(value)), 9) AS rollup_value,\n"
+        "        sum(events) AS rollup_events, count() AS source_partitions,\n"
+        "        max(updated_at_ms) AS updated_at_ms,\n"
+        f"        toUInt64(0) AS late_count, {_ZERO_DECIMAL} AS late_sum,\n"
+        f"        {_ZERO_DECIMAL} AS late_min, {_ZERO_DECIMAL} AS late_max,\n"
+        "        toUInt64(0) AS late_beyond, toUInt8(1) AS has_rollup\n"
+        "    FROM {source} FINAL\n"
+        f"    GROUP BY {', '.join(_WINDOW_KEY)}\n"
+    )
+    # The meter's aggregation is not in late_events: take it from the meter's rollup rows
+    # (a meter has one aggregation). A meter with no rollup row at all gets '' and its late
+    # events stay pending (not restated).
+    late = (
+        "    SELECT customer, meter, group_key, any(dimensions) AS dimensions,\n"
+        "        window_start_ms,\n"
+        f"        window_start_ms + {window_ms} AS window_end_ms, aggregation,\n"
+        f"        {_ZERO_DECIMAL} AS rollup_value, toUInt64(0) AS rollup_events,\n"
+        "        toUInt64(0) AS source_partitions, toInt64(0) AS updated_at_ms,\n"
+        "        countIf(restated) AS late_count,\n"
+        "        sumIf(toDecimal256(quantity, 9), restated) AS late_sum,\n"
+        "        minIf(toDecimal256(quantity, 9), restated) AS late_min,\n"
+        "        maxIf(toDecimal256(quantity, 9), restated) AS late_max,\n"
+        "        countIf(reason = 'beyond_restatement_horizon') AS late_beyond,\n"
+        "        toUInt8(0) AS has_rollup\n"
+        "    FROM (\n"
+        "        SELECT l.customer AS customer, l.meter AS meter, l.group_key AS group_key,\n"
+        "            l.dimensions AS dimensions,\n"
+        f"            intDiv(l.window_start_ms, {window_ms}) * {window_ms} AS window_start_ms,\n"
+        "            l.quantity AS quantity, l.restated AS restated, l.reason AS reason,\n"
+        "            m.aggregation AS aggregation\n"
+        "        FROM {database}.late_events_restated AS l\n"
+        "        LEFT JOIN (SELECT meter, any(aggregation) AS aggregation FROM {source}\n"
+        "                   GROUP BY meter) AS m ON m.meter = l.meter\n"
+        "    )\n"
+        "    GROUP BY customer, meter, group_key, window_start_ms, aggregation\n"
+    )
+    # Aggregation-specific restatement: sum adds the late quantities, count the late
+    # events, min/max take the extreme. unique_count and latest cannot be restated from a
+    # quantity (their value needs the event's value_property / the window's latest
+    # timestamp, neither stored per window): their late events are reported as pending.
+    combined = ", ".join(
+        f"{'max' if name in ('updated_at_ms', 'has_rollup') else 'sum'}({name}) AS c_{name}"
+        if name not in ("late_min", "late_max") else f"{name[5:]}If({name}, late_count > 0)"
+        f" AS c_{name}" for name in _AGGREGATES)
+    return (
+        f"SELECT {', '.join(_WINDOW_KEY)},\n"
+        "    multiIf(c_late_count = 0 OR NOT additive, c_rollup_value,\n"
+        "            aggregation = 'sum', c_rollup_value + c_late_sum,\n"
+        "            aggregation = 'count', c_rollup_value + toDecimal256(c_late_count, 9),\n"
+        "            aggregation = 'min',\n"
+        "            if(c_has_rollup = 1, least(c_rollup_value, c_late_min), c_late_min),\n"
+        "            if(c_has_rollup = 1, greatest(c_rollup_value, c_late_max), c_late_max)\n"
+        "    ) AS value,\n"
+        "    c_rollup_events + late_events AS events,\n"
+        "    c_source_partitions AS source_partitions,\n"
+        "    c_updated_at_ms AS updated_at_ms,\n"
+        "    if(additive, c_late_count, 0) AS late_events,\n"
+        "    toUInt8(late_events > 0) AS restated,\n"
+        "    if(additive, 0, c_late_count) AS late_pending,\n"
+        "    c_late_beyond AS late_beyond_horizon,\n"
+        "    c_rollup_value AS rollup_value,\n"
+        "    c_rollup_events AS rollup_events\n"
+        "FROM (\n"
+        "    SELECT customer, meter, group_key, any(dimensions) AS dimensions,\n"
+        "        window_start_ms, max(window_end_ms) AS window_end_ms,\n"
+        "        max(aggregation) AS aggregation,\n"
+        "        aggregation IN ('sum', 'count', 'min', 'max') AS additive,\n"
+        f"        {combined}\n"
+        "    FROM (\n"
+        f"{rollups}"
+        "    UNION ALL\n"
+        f"{late}"
+        "    )\n"
+        "    GROUP BY customer, meter, group_key, window_start_ms\n"
+        ")\n"
+        "WHERE c_has_rollup = 1 OR c_late_count > 0"
+    )
+
+
+_HOUR_MS = 3_600_000
+_DAY_MS = 86_400_000
+HOURLY_USAGE = View(name="hourly_usage", source=HOURLY_ROLLUPS, query=_usage_query(_HOUR_MS))
+DAILY_USAGE = View(name="daily_usage", source=DAILY_ROLLUPS, query=_usage_query(_DAY_MS))
 
 
 @dataclass(frozen=True)
@@ -451,9 +452,14 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "raw events and dead letters", (RAW_EVENTS, DEAD_LETTERS)),
     Migration(2, "streaming rollups and late events", (HOURLY_ROLLUPS, DAILY_ROLLUPS,
                                                        LATE_EVENTS)),
+    Migration(3, "billing event log and rated usage", billing_tables.tables()),
+    Migration(4, "anomaly episode events", anomaly_ddl.tables()),
 )
 TABLES: tuple[Table, ...] = tuple(t for m in MIGRATIONS for t in m.tables)
-VIEWS: tuple[View, ...] = (RAW_EVENTS_DEDUPLICATED, HOURLY_USAGE, DAILY_USAGE)
+# Order matters: a view is created after the views it reads.
+VIEWS: tuple[View, ...] = (RAW_EVENTS_DEDUPLICATED, LATE_EVENTS_RESTATED, HOURLY_USAGE,
+                          DAILY_USAGE,
+                          *billing_tables.views(), *anomaly_ddl.views())
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 # --------------------------------------------------------------------------- migration
@@ -470,6 +476,8 @@ class SchemaState:
     existing_tables: frozenset[str] = frozenset()
     meta: Mapping[str, str] = field(default_factory=dict)
     revision: int = 0  # highest revision in schema_meta
+    # Columns of the existing tables (system.columns), to add a table's added_columns.
+    columns: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -484,7 +492,7 @@ class MigrationPlan:
 
 def bootstrap_sql(database: str) -> list[str]:
     """Statements that must run before the state can be read: always safe to repeat."""
-    _check_identifier(database, "database name")
+    check_identifier(database, "database name")
     return [
         f"CREATE DATABASE IF NOT EXISTS {database}",
         SCHEMA_META.create_sql(database, RetentionPolicy()),
@@ -502,6 +510,12 @@ def plan_migration(database: str, retention: RetentionPolicy, state: SchemaState
     for table in TABLES:
         if table.name not in state.existing_tables:
             statements.append(table.create_sql(database, retention))
+        elif table.added_columns and not set(table.added_columns) <= state.columns.get(
+                table.name, set(table.added_columns)):
+            # One statement: ADD COLUMN and MODIFY ORDER BY apply together or not at all,
+            # so a crash leaves either the old or the new table, and the check above
+            # plans the same statement again for the old one.
+            statements.append(table.add_columns_sql(database))
         if table.ttl is None:
             continue
         ttl = table.ttl.expression(retention)
@@ -513,7 +527,7 @@ def plan_migration(database: str, retention: RetentionPolicy, state: SchemaState
         if state.meta.get(key) != ttl:
             updates[key] = ttl
     for view in VIEWS:
-        sql = view.create_sql(database)
+        sql = view.create_sql(database, retention)
         if state.meta.get(_VIEW_KEY + view.name) != _digest(sql):
             statements.append(sql)
             updates[_VIEW_KEY + view.name] = _digest(sql)
@@ -531,10 +545,18 @@ def read_schema_state(storage: Storage, database: str) -> SchemaState:
         f"SELECT key, argMax(value, revision), max(revision) "
         f"FROM {SCHEMA_META.qualified(database)} GROUP BY key"
     )
+    column_rows = storage.query_rows(
+        "SELECT table, name FROM system.columns WHERE database = {database:String}",
+        {"database": database},
+    )
+    columns: dict[str, set[str]] = {}
+    for table, name in column_rows:
+        columns.setdefault(str(table), set()).add(str(name))
     return SchemaState(
         existing_tables=frozenset(str(row[0]) for row in tables),
         meta={str(key): str(value) for key, value, _ in meta_rows},
         revision=max((int(rev) for _, _, rev in meta_rows), default=0),
+        columns={table: frozenset(names) for table, names in columns.items()},
     )
 
 

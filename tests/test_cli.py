@@ -126,3 +126,74 @@ def test_load_rollups_moves_worker_outputs_into_clickhouse(kafka_broker: Any,
     raw = _meterline("load-raw", "--until-idle", "8", env=env)
     assert raw.returncode == 0, raw.stderr
     assert "loaded 2 events from 1 records" in raw.stdout, raw.stdout
+
+
+def test_billing_commands_end_to_end(tmp_path: Path) -> None:
+    """Plans, subscriptions, rate, explain, invoice, simulate, reconcile and history
+    through the real entry point, on usage rolled up by `meterline rollup-local`."""
+    import time
+
+    from meterline.core.billing.periods import add_months, iso, month_start
+    from meterline.ingest.local_log import LocalLog, LocalLogTransport
+    from meterline.sdk import Emitter, EmitterConfig
+
+    env = {"METERLINE_DATA_DIR": str(tmp_path / "chdb"), "METERLINE_ACTOR": "ops@example"}
+    now = time.time_ns() // 1_000_000
+    month = month_start(now)
+    period = time.strftime("%Y-%m", time.gmtime(month / 1000))
+    (tmp_path / "basic.toml").write_text(
+        'id = "basic"\ncurrency = "USD"\nbase_fee = "10.00"\n'
+        '[[charges]]\nmeter = "api_calls"\naggregation = "count"\n'
+        'price = { model = "graduated", tiers = [ { up_to = 100, unit_amount = "0" }, '
+        '{ unit_amount = "0.05" } ] }\n')
+    (tmp_path / "cheaper.toml").write_text(
+        (tmp_path / "basic.toml").read_text().replace('"10.00"', '"4.00"'))
+    assert _meterline("migrate", env=env).returncode == 0
+    out = _meterline("publish-plan", str(tmp_path / "basic.toml"), "--reason", "launch",
+                     env=env)
+    assert out.returncode == 0 and "published plan basic version 1" in out.stdout, out.stderr
+    out = _meterline("subscribe", "s1", "c1", "basic", "--start", iso(month), "--reason",
+                     "signup", env=env)
+    assert out.returncode == 0, out.stderr
+    # Refused with every reason, nothing written.
+    bad = _meterline("subscribe", "s1", "c2", "gold", "--start", iso(month + 1800_000),
+                     "--reason", "x", env=env)
+    assert bad.returncode == 2
+    for fragment in ("already exists", "not on a whole UTC hour", "plan 'gold' does not exist"):
+        assert fragment in bad.stderr, bad.stderr
+    history = _meterline("history", "s1", env=env)
+    assert "#2" in history.stdout and "by ops@example: signup" in history.stdout
+
+    # 250 api calls in the month -> rollups through the embedded runner.
+    log = LocalLog(tmp_path / "log.db", partitions=1)
+    config = EmitterConfig(topic="local", bootstrap_servers=None, spool_dir=tmp_path / "spool")
+    with Emitter(config, transport=LocalLogTransport(log)) as emitter:
+        for i in range(250):
+            emitter.emit("c1", "api_calls", 1, timestamp_ms=month + i * 60_000,
+                         dimensions={"region": "eu"})
+        assert emitter.flush(10)
+    log.close()
+    assert _meterline("rollup-local", "--log", str(tmp_path / "log.db"), "--until-idle", "0.3",
+                      env=env).returncode == 0
+
+    rated = _meterline("rate", "--period", period, env=env)
+    assert rated.returncode == 0, rated.stderr
+    # 10.00 base fee + (250 - 100 free) x 0.05 = 17.50
+    assert "total 17.50 USD" in rated.stdout, rated.stdout
+    again = _meterline("rate", "--period", period, env=env)
+    assert "2 written, 0 withdrawn" in again.stdout, again.stdout
+    explain = _meterline("explain", "s1", "--period", period, env=env)
+    assert explain.returncode == 0
+    assert "Customer c1, subscription s1: usage of api_calls (number of events)" in explain.stdout
+    assert "tier 2 (above 100): 150 unit(s) x 0.05 = 7.5 USD" in explain.stdout, explain.stdout
+    invoice = _meterline("invoice", "s1", "--period", period, env=env)
+    assert invoice.stdout.rstrip().endswith("17.50 USD"), invoice.stdout
+    sim = _meterline("simulate", "--period", period, "--plan", str(tmp_path / "cheaper.toml"),
+                     env=env)
+    assert sim.returncode == 0, sim.stderr
+    assert "17.50" in sim.stdout and "11.50" in sim.stdout and "-6.00" in sim.stdout
+    # Raw events were never loaded (rollup-local writes rollups only): reconcile says so.
+    rec = _meterline("reconcile", "--period", period, env=env)
+    assert rec.returncode == 1 and "DRIFT c1 s1 api_calls" in rec.stdout, rec.stdout
+    assert "raw 0, rollups 250, rated 250" in rec.stdout
+    assert add_months(month, 1) > month

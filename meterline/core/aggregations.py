@@ -20,6 +20,13 @@ Decimal(38, 9), and readers never have to know which meters are counts.
 - latest: the value of the event with the greatest ``(timestamp_ms, event_id)``; the
   quantity breaks the last tie, so the choice is a total order. Arrival order plays no part:
   a replayed or reordered stream picks the same event.
+- Range: every quantity fits Decimal(38, 9) (``quantity.MAX_NANOS``), and only a *sum* can
+  leave that range (``total_can_overflow``): min, max and latest report one event's
+  quantity; count and unique_count would need 10**29 events in one window (a billion a
+  second for three trillion years). The rollup checks a sum's new hourly and daily results
+  before storing either (so ``add`` of such an aggregator must not modify its argument),
+  and a ``merge`` of states within range is exact: Python ints do not overflow, and the
+  daily state is itself a checked fold, so merged hours never exceed what it holds.
 - unique_count: the exact set of distinct values. Memory grows with the distinct values per
   (customer, meter, group, window): roughly 100 bytes per short id in CPython, so a million
   distinct users in one daily window is ~100 MB. The bounded alternative is a sketch
@@ -89,6 +96,9 @@ GaugePoint = tuple[int, str, int]  # (timestamp_ms, event_id, value_nanos)
 
 class Aggregator(Protocol[S]):
     name: str
+    # True when results can leave Decimal(38, 9) although each quantity fits; ``add`` is
+    # then pure (returns a new state), so a caller can try it and keep the old state.
+    total_can_overflow: bool
 
     def initialize(self) -> S: ...
 
@@ -108,6 +118,7 @@ class Aggregator(Protocol[S]):
 
 class Sum:
     name = "sum"
+    total_can_overflow = True  # two quantities of 6 * 10**37 nano-units already do
 
     def initialize(self) -> int:
         return 0
@@ -133,6 +144,7 @@ class Count(Sum):
     """Counts events; the quantity is ignored. State is the event count, result nano-scaled."""
 
     name = "count"
+    total_can_overflow = False  # a result out of range needs 10**29 events in one window
 
     def add(self, state: int, quantity_nanos: int, timestamp_ms: int,
             value: str | None = None, event_id: str = "") -> int:
@@ -144,6 +156,7 @@ class Count(Sum):
 
 class Min:
     name = "min"
+    total_can_overflow = False  # the result is one event's quantity
 
     def initialize(self) -> int | None:
         return None
@@ -175,6 +188,7 @@ class Max(Min):
 
 class Latest:
     name = "latest"
+    total_can_overflow = False  # the result is one event's quantity
 
     def initialize(self) -> LatestState:
         return None
@@ -201,6 +215,7 @@ class Latest:
 
 class UniqueCount:
     name = "unique_count"
+    total_can_overflow = False  # a result out of range needs 10**29 distinct values
 
     def initialize(self) -> set[str]:
         return set()

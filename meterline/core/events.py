@@ -20,10 +20,13 @@ MAX_SOURCE_LEN = 256
 MAX_DIMENSIONS = 16
 MAX_DIMENSION_KEY_LEN = 64
 MAX_DIMENSION_VALUE_LEN = 256
-# Event time must be a plausible UTC epoch in ms: 2000-01-01 .. 2200-01-01. Seconds or
-# microseconds passed by mistake fall outside and are rejected instead of billed in 1970.
+# Event time must be a plausible UTC epoch in ms: 2000-01-01 (inclusive) up to the end of
+# ClickHouse DateTime, 2^32 s = 2106-02-07T06:28:16Z (exclusive). Seconds or microseconds
+# passed by mistake fall outside and are rejected instead of billed in 1970. The upper end
+# is what storage can hold: TTLs and dashboards compute toDateTime(intDiv(ms, 1000)), which
+# a later time would overflow. The fold, the raw stage and the SDK all check these bounds.
 MIN_TIMESTAMP_MS = 946_684_800_000
-MAX_TIMESTAMP_MS = 7_258_118_400_000
+MAX_TIMESTAMP_MS = 2**32 * 1000  # 4_294_967_296_000
 
 # \Z, not $: "$" also matches before a trailing newline, which let "api_calls\n" through.
 METER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
@@ -76,7 +79,7 @@ def check_timestamp_ms(ts: object) -> int:
         raise InvalidEventError("timestamp_ms", f"must be int UTC milliseconds, got {ts!r}")
     if not MIN_TIMESTAMP_MS <= ts < MAX_TIMESTAMP_MS:
         raise InvalidEventError(
-            "timestamp_ms", f"{ts} is not UTC milliseconds between years 2000 and 2200"
+            "timestamp_ms", f"{ts} is not UTC milliseconds from 2000-01-01 to 2106-02-07"
         )
     return ts
 

@@ -9,16 +9,35 @@ no floats anywhere).
 Every record carries the position it came from, ``(source, partition, offset, position)``:
 replaying a partition after a crash produces the same records again, and the tables
 collapse them on that identity (rollups on their window key with ``version``).
+
+Decoding is forward compatible: ``from_dict`` ignores fields it does not know, so during a
+rolling upgrade an older loader still reads the records of a newer worker that added one.
+A missing or ill-typed field raises (``KeyError``/``TypeError``/``ValueError``); the loader
+turns such a record into a dead letter with its bytes, never skips it.
+
+Dead letters of both stages are built here (:func:`event_dead_letter`,
+:func:`record_dead_letter`), so a rejected event reads the same whoever rejected it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DeadLetterRecord", "Flush", "LateRecord", "RollupRecord", "group_key"]
+from meterline.core.quantity import format_nanos
+
+if TYPE_CHECKING:
+    from meterline.core.envelope import Batch
+
+__all__ = ["DeadLetterRecord", "Flush", "LateRecord", "RollupRecord", "event_dead_letter",
+           "event_json", "group_key", "record_dead_letter"]
 
 WHOLE_RECORD = -1  # DeadLetterRecord.position when the whole Kafka record was unreadable
+# A dead letter travelling through Kafka carries at most this much of an unreadable record
+# (as text); the exact bytes stay in the topic at (partition, offset), and writers that
+# insert directly (raw stage, embedded runner, output loader) keep them whole.
+MAX_DEAD_PAYLOAD = 1 << 20
 
 
 def group_key(group: tuple[tuple[str, str], ...]) -> str:
@@ -31,6 +50,30 @@ def _fields(record: Any) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies recursively, ~40 us a record, which at tens
     # of thousands of window rows a second was most of a worker's flush time.
     return {name: getattr(record, name) for name in record.__slots__}
+
+
+def _known(cls: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """The fields ``cls`` knows, from a dict that may carry more (written by a newer
+    version). A missing field surfaces as ``TypeError`` from the constructor."""
+    if type(d) is not dict:
+        raise TypeError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+    return {name: d[name] for name in cls.__slots__ if name in d}
+
+
+def _int(value: Any, name: str) -> int:
+    # JSON ints stay ints; totals beyond int64 travel as decimal strings. Anything else
+    # (a float, a bool, "1e3") is refused rather than coerced into a wrong total.
+    if type(value) is int:
+        return value
+    if type(value) is str and value.lstrip("-").isdigit() and value.isascii():
+        return int(value)
+    raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+def _group(value: Any) -> tuple[tuple[str, str], ...]:
+    if type(value) is not list or any(type(p) is not list or len(p) != 2 for p in value):
+        raise ValueError(f"group must be a list of [dimension, value] pairs, got {value!r}")
+    return tuple((str(k), str(v)) for k, v in value)
 
 
 def _esc(value: str) -> str:
@@ -64,9 +107,9 @@ class RollupRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RollupRecord:
-        d = dict(d)
-        d["group"] = tuple((str(k), str(v)) for k, v in d["group"])
-        d["value_nanos"] = int(d["value_nanos"])
+        d = _known(cls, d)
+        d["group"] = _group(d.get("group"))
+        d["value_nanos"] = _int(d.get("value_nanos"), "value_nanos")
         return cls(**d)
 
 
@@ -79,17 +122,21 @@ class DeadLetterRecord:
     batch_id: str
     event_id: str
     reason: str
-    # The event as JSON, or the undecodable record as UTF-8 with bad bytes shown as \\xNN
-    # escapes (readable, first MiB); the exact bytes stay in the topic at (partition, offset).
-    payload: str
+    # The event as JSON text (:func:`event_json`), or the unreadable record's exact bytes.
+    # Through Kafka, bytes travel as UTF-8 text with bad bytes shown as \\xNN escapes
+    # (first MAX_DEAD_PAYLOAD bytes); the exact bytes stay in the topic at (partition, offset).
+    payload: str | bytes
     received_at_ms: int  # the Kafka record timestamp: the same on every replay
 
     def to_dict(self) -> dict[str, Any]:
-        return _fields(self)
+        d = _fields(self)
+        if isinstance(self.payload, bytes):
+            d["payload"] = self.payload[:MAX_DEAD_PAYLOAD].decode("utf-8", "backslashreplace")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeadLetterRecord:
-        return cls(**d)
+        return cls(**_known(cls, d))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +165,9 @@ class LateRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LateRecord:
-        d = dict(d)
-        d["group"] = tuple((str(k), str(v)) for k, v in d["group"])
-        d["quantity_nanos"] = int(d["quantity_nanos"])
+        d = _known(cls, d)
+        d["group"] = _group(d.get("group"))
+        d["quantity_nanos"] = _int(d.get("quantity_nanos"), "quantity_nanos")
         return cls(**d)
 
 
@@ -139,3 +186,43 @@ class Flush:
         self.rollups += other.rollups
         self.dead_letters += other.dead_letters
         self.late += other.late
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+def event_json(batch: Batch, position: int, event_id: str) -> str:
+    """A rejected event as JSON text, the same whichever stage rejected it.
+
+    ``quantity`` is in *units* as an exact decimal string (``"0.1"``), the way the caller
+    passed it to ``emit()``; ``dimensions`` only when the event has some.
+    """
+    i = position
+    event: dict[str, Any] = {
+        "id": event_id, "customer": batch.customers[i], "meter": batch.meters[i],
+        "quantity": format_nanos(batch.quantities[i]), "timestamp_ms": batch.timestamps_ms[i],
+    }
+    if batch.dimensions is not None and batch.dimensions[i]:
+        event["dimensions"] = batch.dimensions[i]
+    return json.dumps(event, ensure_ascii=False, sort_keys=True)
+
+
+def event_dead_letter(source: str, partition: int, offset: int, received_at_ms: int,
+                      batch: Batch, position: int, event_id: str,
+                      reason: str) -> DeadLetterRecord:
+    """One rejected event of a batch; ``reason`` is ``event.<code>`` (codes: rollup.py
+    REJECTION_REASONS, plus ``outside_retention`` and the raw stage's own)."""
+    return DeadLetterRecord(
+        source=source, partition=partition, offset=offset, position=position,
+        batch_id=batch.batch_id, event_id=event_id, reason=reason,
+        payload=event_json(batch, position, event_id), received_at_ms=received_at_ms)
+
+
+def record_dead_letter(source: str, partition: int, offset: int, received_at_ms: int,
+                       reason: str, payload: bytes, *, position: int = WHOLE_RECORD,
+                       ) -> DeadLetterRecord:
+    """A record (or, with ``position``, one item of it) that could not be read: kept with
+    its exact bytes."""
+    return DeadLetterRecord(
+        source=source, partition=partition, offset=offset, position=position, batch_id="",
+        event_id="", reason=reason, payload=bytes(payload), received_at_ms=received_at_ms)

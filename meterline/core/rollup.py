@@ -8,9 +8,13 @@ Per event, in this order:
 
 1. Validate against the meter registry. Failures become dead letters ``(position, event_id,
    reason)`` with a reason from ``REJECTION_REASONS``; a bad event never sinks its batch.
-2. Dedupe: a batch id seen within the horizon marks the whole batch duplicate (nothing else
-   happens, the watermark included); explicit event ids are deduped one by one. Rejected
-   events are not remembered, so a corrected resend of one is not taken for a duplicate.
+2. Dedupe: a batch seen within the horizon (by ``(producer, seq)``, or batch id) marks the
+   whole batch duplicate (nothing else happens, the watermark included); explicit event
+   ids are deduped one by one, scoped ``(customer, meter, id)`` (``dedupe.scoped_id``).
+   Every entry is held until its horizon passed on the log clock *and* the windows it
+   counted in are closed (``dedupe.py``), so a resend is never counted twice in an open
+   window, whatever the two clocks do. Rejected events are not remembered, so a corrected
+   resend of one is not taken for a duplicate.
 3. Lateness against the watermark *as it was before this batch*, so the order of events
    inside a batch cannot change any decision. TOO_LATE events become late entries with
    their hourly window start (for the late table); they are never dropped.
@@ -18,6 +22,9 @@ Per event, in this order:
    events, and every aggregation's ``merge`` agrees with its fold, so the daily state equals
    the merge of its hourly states (tested). Folding the daily state directly, rather than
    merging hours on demand, lets a closed hour be evicted while its day is still open.
+   An event that would take its hourly or daily *total* out of Decimal(38, 9) is checked
+   before either cell changes and becomes a dead letter (``window_total_out_of_range``):
+   a window the sink cannot store would stall every later flush of the partition.
 
 Rows carry window *totals* and ``version`` = the number of events folded into the window.
 The version grows with every change, and a given version always comes with the same total
@@ -35,13 +42,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from meterline.core.aggregations import Aggregator, aggregator_for
+from meterline.core.aggregations import Aggregator, Sum, aggregator_for
 from meterline.core.dedupe import (
     DEFAULT_DEDUPE_HORIZON_MS,
+    NO_PIN,
     BatchDeduper,
     Deduper,
     EventDeduper,
+    InMemoryDeduper,
     SequenceDeduper,
+    scoped_id,
 )
 from meterline.core.envelope import Batch
 from meterline.core.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
@@ -79,8 +89,12 @@ NEGATIVE_QUANTITY = "negative_quantity"
 QUANTITY_OUT_OF_RANGE = "quantity_out_of_range"  # would not fit Decimal(38, 9)
 DIMENSION_NOT_ALLOWED = "dimension_not_allowed"
 MISSING_UNIQUE_VALUE = "missing_unique_value"
+# The event is valid, but adding it would take its hourly or daily total out of
+# Decimal(38, 9); the window keeps its total without it and takes later events as usual.
+WINDOW_TOTAL_OUT_OF_RANGE = "window_total_out_of_range"
 REJECTION_REASONS = (MISSING_CUSTOMER, UNKNOWN_METER, TIMESTAMP_OUT_OF_RANGE, NEGATIVE_QUANTITY,
-                     QUANTITY_OUT_OF_RANGE, DIMENSION_NOT_ALLOWED, MISSING_UNIQUE_VALUE)
+                     QUANTITY_OUT_OF_RANGE, DIMENSION_NOT_ALLOWED, MISSING_UNIQUE_VALUE,
+                     WINDOW_TOTAL_OUT_OF_RANGE)
 
 Group = tuple[tuple[str, str], ...]  # (dimension, value) in the meter's group_by order
 
@@ -114,8 +128,19 @@ class LateEvent(NamedTuple):
 @dataclass(slots=True)
 class Dedupers:
     batches: Deduper  # batch ids of envelopes without (producer, seq): other producers
-    events: Deduper
+    events: Deduper  # explicit ids, keyed by dedupe.scoped_id(customer, meter, id)
     sequences: SequenceDeduper = field(default_factory=SequenceDeduper)
+    # Bare explicit ids restored from a checkpoint written before ids were scoped: they
+    # match the id under *any* (customer, meter) until they expire, so an event counted
+    # before an upgrade is not counted again after it. Never added to; None once empty.
+    legacy_ids: InMemoryDeduper | None = None
+
+    def close_before(self, closed_before_ms: int) -> None:
+        self.batches.close_before(closed_before_ms)
+        self.events.close_before(closed_before_ms)
+        self.sequences.close_before(closed_before_ms)
+        if self.legacy_ids is not None:
+            self.legacy_ids.close_before(closed_before_ms)
 
     @classmethod
     def in_memory(cls, horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> Dedupers:
@@ -166,11 +191,15 @@ class _Cell:
 class _Plan:
     """Per-meter facts looked up once per batch instead of once per event."""
 
-    __slots__ = ("aggregator", "allow_negative", "allowed", "empty_group", "group_by", "unique",
-                 "value_property")
+    __slots__ = ("aggregator", "allow_negative", "allowed", "checks_total", "empty_group",
+                 "group_by", "plain_sum", "unique", "value_property")
 
     def __init__(self, meter: Meter) -> None:
         self.aggregator = aggregator_for(meter.aggregation)
+        # Only a sum's result can leave Decimal(38, 9) when every quantity fits (see
+        # aggregations.py); the others skip the per-event range check.
+        self.checks_total = self.aggregator.total_can_overflow
+        self.plain_sum = type(self.aggregator) is Sum  # state == result == int total
         self.allow_negative = meter.allow_negative
         self.allowed = frozenset(meter.dimensions)
         self.group_by = meter.group_by
@@ -200,6 +229,15 @@ class _Plan:
 _SIZES = {HOURLY.name: HOURLY.size_ms, DAILY.name: DAILY.size_ms}
 
 
+def _fits(cell: _Cell, qty: int, ts: int, value: str | None, event_id: str) -> bool:
+    """Whether the cell's result stays in Decimal(38, 9) with the event added (its
+    aggregator's ``add`` is pure: ``total_can_overflow``)."""
+    agg = cell.aggregator
+    if type(agg) is Sum:  # once per window and batch: skip two calls
+        return -MAX_NANOS <= cell.state + qty <= MAX_NANOS
+    return -MAX_NANOS <= agg.result(agg.add(cell.state, qty, ts, value, event_id)) <= MAX_NANOS
+
+
 class RollupState:
     def __init__(self, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS) -> None:
         if type(allowed_lateness_ms) is not int or allowed_lateness_ms < 0:
@@ -226,13 +264,26 @@ class RollupState:
         saves merging a per-batch set into it); ``out.dirty`` is that set."""
         out = BatchOutcome(batch.batch_id) if dirty is None else BatchOutcome(batch.batch_id,
                                                                               dirty=dirty)
-        if (dedupers.batches.seen_or_add(batch.batch_id, now_ms) if batch.producer is None
-                else dedupers.sequences.seen_or_add(batch.producer, batch.seq or 0, now_ms)):
+        closed_before = self.closed_limit(watermark)  # hour end <= this: too late
+        dedupers.close_before(closed_before)
+        newest_ok_ms = min(now_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
+        # A batch's entry is held until the latest hour any of its events can count in has
+        # closed: its newest timestamp, capped where the future-skew check would reject.
+        newest_ts = min(max(batch.timestamps_ms, default=NO_PIN), newest_ok_ms)
+        batch_until = NO_PIN if newest_ts == NO_PIN else newest_ts - newest_ts % HOUR_MS + HOUR_MS
+        if (dedupers.batches.seen_or_add(batch.batch_id, now_ms, batch_until)
+                if batch.producer is None
+                else dedupers.sequences.seen_or_add(batch.producer, batch.seq or 0, now_ms,
+                                                    batch_until)):
             out.duplicate_batch, out.duplicate = True, len(batch)
             return out
-        closed_before = self.closed_limit(watermark)  # hour end <= this: too late
+        events_seen = dedupers.events
+        legacy = dedupers.legacy_ids
+        if legacy is not None:
+            legacy.expire(now_ms)
+            if not legacy:
+                legacy = dedupers.legacy_ids = None
         watermark_ms = watermark.watermark_ms
-        newest_ok_ms = min(now_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
         explicit_ids = batch.ids
         dimensions = batch.dimensions
         prefix = batch.batch_id + "-"
@@ -261,42 +312,82 @@ class RollupState:
                 continue
             assert plan is not None
             group, value = checked
-            if explicit_id is not None and dedupers.events.seen_or_add(explicit_id, now_ms):
-                out.duplicate += 1
-                continue
-            if max_ts is None or ts > max_ts:
-                max_ts = ts
             hour_start = ts - ts % HOUR_MS
             hour_end = hour_start + HOUR_MS  # same rule as lateness.classify
+            scoped = None
+            if explicit_id is not None:
+                scoped = scoped_id(customer, meter_name, explicit_id)
+                if (legacy is not None and explicit_id in legacy) or events_seen.seen_or_add(
+                        scoped, now_ms, hour_end):
+                    out.duplicate += 1
+                    continue
             if hour_end <= closed_before:
+                if max_ts is None or ts > max_ts:
+                    max_ts = ts
                 out.late_events.append(LateEvent(i, event_id, hour_start))
                 continue
+            aggregator = plan.aggregator
+            pair = touched.get((customer, meter_name, group, hour_start))
+            if pair is None:  # first event of this window in the batch: one hash per event
+                hourly_key = ("hourly", customer, meter_name, group, hour_start)
+                daily_key = ("daily", customer, meter_name, group, ts - ts % DAY_MS)
+                cells = self._cells
+                hourly_cell, daily_cell = cells.get(hourly_key), cells.get(daily_key)
+                # Check before a window is created or marked changed: a window exists only
+                # once an event counted in it, and a refused event changes nothing. (A new
+                # window holds one in-range quantity; a held one may be near the limit.)
+                if plan.checks_total and not (
+                        (hourly_cell is None or _fits(hourly_cell, qty, ts, value, event_id))
+                        and (daily_cell is None or _fits(daily_cell, qty, ts, value, event_id))):
+                    self._reject_total(out, i, event_id, scoped, events_seen)
+                    continue
+                if hourly_cell is None:
+                    hourly_cell = cells[hourly_key] = _Cell(aggregator, aggregator.initialize(), 0)
+                if daily_cell is None:
+                    daily_cell = cells[daily_key] = _Cell(aggregator, aggregator.initialize(), 0)
+                dirty.add(hourly_key)
+                dirty.add(daily_key)
+                pair = touched[(customer, meter_name, group, hour_start)] = (hourly_cell,
+                                                                             daily_cell)
+            hourly, daily = pair
+            if plan.plain_sum:  # the hottest line of the fold: Sum.add and .result inline
+                new_hourly, new_daily = hourly.state + qty, daily.state + qty
+                if not (-MAX_NANOS <= new_hourly <= MAX_NANOS
+                        and -MAX_NANOS <= new_daily <= MAX_NANOS):
+                    self._reject_total(out, i, event_id, scoped, events_seen)
+                    continue
+                hourly.state, daily.state = new_hourly, new_daily
+            elif plan.checks_total:
+                # Both new states first, stored only if both results fit: atomic.
+                new_hourly = aggregator.add(hourly.state, qty, ts, value, event_id)
+                new_daily = aggregator.add(daily.state, qty, ts, value, event_id)
+                if not (-MAX_NANOS <= aggregator.result(new_hourly) <= MAX_NANOS
+                        and -MAX_NANOS <= aggregator.result(new_daily) <= MAX_NANOS):
+                    self._reject_total(out, i, event_id, scoped, events_seen)
+                    continue
+                hourly.state, daily.state = new_hourly, new_daily
+            else:
+                hourly.state = aggregator.add(hourly.state, qty, ts, value, event_id)
+                daily.state = aggregator.add(daily.state, qty, ts, value, event_id)
+            hourly.events += 1
+            daily.events += 1
+            if max_ts is None or ts > max_ts:
+                max_ts = ts
             if hour_end <= watermark_ms:
                 out.late_allowed += 1
             out.accepted += 1
-            pair = touched.get((customer, meter_name, group, hour_start))
-            if pair is None:  # first event of this window in the batch: one hash per event
-                pair = touched[(customer, meter_name, group, hour_start)] = (
-                    self._cell(("hourly", customer, meter_name, group, hour_start),
-                               plan.aggregator, dirty),
-                    self._cell(("daily", customer, meter_name, group, ts - ts % DAY_MS),
-                               plan.aggregator, dirty),
-                )
-            for cell in pair:
-                cell.state = cell.aggregator.add(cell.state, qty, ts, value, event_id)
-                cell.events += 1
         out.rejected = len(out.dead_letters)
         out.late = len(out.late_events)
         if max_ts is not None:
             watermark.observe(max_ts)
         return out
 
-    def _cell(self, key: Key, aggregator: Aggregator[Any], dirty: set[Key]) -> _Cell:
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cells[key] = _Cell(aggregator, aggregator.initialize(), 0)
-        dirty.add(key)
-        return cell
+    @staticmethod
+    def _reject_total(out: BatchOutcome, position: int, event_id: str, scoped: str | None,
+                      events_seen: Deduper) -> None:
+        out.dead_letters.append(DeadLetter(position, event_id, WINDOW_TOTAL_OUT_OF_RANGE))
+        if scoped is not None:  # not counted, so not remembered: a corrected resend counts
+            events_seen.forget(scoped)
 
     def snapshot(self, keys: Iterable[Key]) -> list[RollupRow]:
         """Current totals of ``keys``, sorted by key. Raises KeyError for a key that is not

@@ -14,7 +14,7 @@ from test_processor import REGISTRY, ReplacingTable, make_records  # same folder
 from meterline.aggregators.checkpoints import MemoryCheckpointStore, SqliteCheckpointStore
 from meterline.aggregators.id_store import MemoryIdStore, SqliteIdStore
 from meterline.aggregators.runner import RollupWorker, TopicPartition
-from meterline.core.dedupe import InMemoryDeduper
+from meterline.core.dedupe import NO_PIN, InMemoryDeduper
 
 TP = TopicPartition("usage", 0)
 HORIZON = 10_000
@@ -26,18 +26,29 @@ def test_answers_like_the_reference_deduper(kind: str, tmp_path: Path) -> None:
     ref = InMemoryDeduper(HORIZON)
     store = (MemoryIdStore(HORIZON) if kind == "memory"
              else SqliteIdStore(tmp_path / "ids.db", HORIZON))
-    now = 0
+    now = closed = 0
     for i in range(20_000):
         now += rng.choice([0, 0, 1, 7, 300])  # bursts, steps, an occasional long gap
+        if rng.random() < 0.01:  # the windows' close frontier moves now and then
+            closed += rng.choice([0, 500, 5_000])
+            store.close_before(closed)
+            ref.close_before(closed)
         key = f"k{rng.randrange(2_000)}"
+        until = now + rng.choice([-20_000, 0, 3_000, 30_000])  # window ends, some closed
         store.offset = i
-        assert store.seen_or_add(key, now) == ref.seen_or_add(key, now), (i, key, now)
+        answer = store.seen_or_add(key, now, until)
+        assert answer == ref.seen_or_add(key, now, until), (i, key, now)
+        if not answer and rng.random() < 0.02:  # its event was rejected after all
+            store.forget(key)
+            ref.forget(key)
+    assert store.take_delta()[-1][3] is not None  # deltas carry the window pin
     store.close()
 
 
 def test_restore_keeps_only_ids_before_the_checkpoint_and_unexpired(tmp_path: Path) -> None:
     store = SqliteIdStore(tmp_path / "ids.db", HORIZON)
-    entries = [("a", 100, 3), ("b", 200, 7), ("c", 300, 9), ("old", -50_000, 1)]
+    entries = [("a", 100, 3, NO_PIN), ("b", 200, 7, NO_PIN), ("c", 300, 9, NO_PIN),
+               ("old", -50_000, 1, NO_PIN)]
     assert store.load(entries, below_offset=8, now_ms=400) == 2  # a, b
     store.offset = 9
     assert store.seen_or_add("a", 500) and store.seen_or_add("b", 500)
@@ -97,6 +108,9 @@ def test_checkpoints_hold_deltas_not_every_id_and_expired_deltas_go(tmp_path: Pa
     # The records span ~4 h of log time: deltas older than the horizon were deleted.
     assert 0 < len(deltas) < 400 // 20
     restored = worker(store, ReplacingTable(), tmp_path / "ids2", horizon=3_600_000)
+    for proc in (w.processors[TP], restored.processors[TP]):  # expiry on disk is lazy
+        proc.ids.close_before(proc.state.closed_before_ms)
+        proc.ids.expire(proc.ids.now_ms)
     assert len(restored.processors[TP].ids) == len(w.processors[TP].ids)
 
 
@@ -131,3 +145,15 @@ def test_open_deltas_are_rewritten_then_sealed_and_a_failed_save_loses_no_id(
     restored = worker(store, ReplacingTable(), tmp_path / "ids2")
     assert len(restored.processors[TP].ids) == ids
     assert table.totals("hourly") == expected
+
+
+def test_delta_formats_round_trip_and_old_deltas_decode_as_bare_ids() -> None:
+    import json
+    import zlib
+
+    from meterline.aggregators.id_store import decode_delta, encode_delta
+
+    entries = [("3:abc6:tokensreq-1", 10, 4, 3_600_000)]
+    assert decode_delta(encode_delta(entries)) == entries  # type: ignore[arg-type]
+    old = zlib.compress(json.dumps([["req-1", 10, 4]]).encode())  # written by format 3
+    assert decode_delta(old) == [("req-1", 10, 4, None)]

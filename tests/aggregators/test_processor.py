@@ -4,16 +4,20 @@ becomes dead letters, nothing is counted twice."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
+from meterline.aggregators.checkpoints import CheckpointStore
 from meterline.aggregators.processor import PartitionProcessor, RollupSettings
+from meterline.aggregators.runner import RollupWorker, TopicPartition
 from meterline.core.envelope import Batch, encode_batch
 from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import WHOLE_RECORD, Flush
 from meterline.core.quantity import SCALE
 from meterline.core.windows import DAY_MS, HOUR_MS
 from meterline.ingest.sources import SourceRecord
+from meterline.sinks.storage import Storage
 
 DAY0 = 1_699_920_000_000  # 2023-11-14T00:00:00Z
 REGISTRY = MeterRegistry.from_mapping({"meters": {
@@ -58,12 +62,18 @@ class ReplacingTable:
 
 
 def make_records(n_batches: int, seed: int = 7) -> tuple[list[SourceRecord], dict]:
-    """Records of one partition with resent batches, duplicate explicit ids, and the
-    expected hourly token sums."""
+    """Records of one partition with resent batches, resent explicit-id events, and the
+    expected hourly token sums.
+
+    The truth counts *logical events*, each once, however often it was sent: the generator
+    knows which sends are resends. Keys follow the SDK contract (a key names one event of
+    its customer and meter) and are deliberately reused across customers ("req-3" of c1
+    and "req-3" of c2 are two events), so no dedupe rule is needed to compute the truth."""
     rng = random.Random(seed)
     records: list[SourceRecord] = []
     expected: dict[tuple[str, str, int], int] = {}
-    seen_ids: set[str] = set()
+    keyed: list[tuple[str, int, int, str]] = []  # logical events with a key, for resends
+    per_customer: dict[str, int] = {}
     sent: list[bytes] = []
     clock = DAY0 + 3 * HOUR_MS
     for b in range(n_batches):
@@ -73,19 +83,24 @@ def make_records(n_batches: int, seed: int = 7) -> tuple[list[SourceRecord], dic
         else:
             customers, qtys, tss, ids = [], [], [], []
             for _ in range(rng.randrange(1, 40)):
-                c = f"c{rng.randrange(20)}"
-                q = rng.randrange(1, 10 * SCALE)
-                ts = clock - rng.randrange(0, 2 * HOUR_MS)
-                eid = f"k{rng.randrange(300)}" if rng.random() < 0.2 else None
+                if keyed and rng.random() < 0.1:  # an application retry of a keyed event
+                    c, q, ts, eid_or_none = rng.choice(keyed)
+                    eid: str | None = eid_or_none
+                else:
+                    c = f"c{rng.randrange(20)}"
+                    q = rng.randrange(1, 10 * SCALE)
+                    ts = clock - rng.randrange(0, 2 * HOUR_MS)
+                    eid = None
+                    if rng.random() < 0.2:
+                        per_customer[c] = per_customer.get(c, 0) + 1
+                        eid = f"req-{per_customer[c]}"
+                        keyed.append((c, q, ts, eid))
+                    key = (c, "tokens", ts - ts % HOUR_MS)
+                    expected[key] = expected.get(key, 0) + q
                 customers.append(c)
                 qtys.append(q)
                 tss.append(ts)
                 ids.append(eid)
-                if eid is None or eid not in seen_ids:
-                    if eid is not None:
-                        seen_ids.add(eid)
-                    key = (c, "tokens", ts - ts % HOUR_MS)
-                    expected[key] = expected.get(key, 0) + q
             payload = encode_batch(Batch(f"b{b:05d}", clock, customers, ["tokens"] * len(qtys),
                                          qtys, tss, ids=ids))
             sent.append(payload)
@@ -224,3 +239,176 @@ def test_a_failed_write_is_put_back_and_blocks_checkpoints_until_written() -> No
     writer.fail = False
     assert worker.flush(checkpoint=True) == {TopicPartition("usage", 0): 60}
     assert writer.written.totals("hourly") == expected
+
+
+# ---------------------------------------------------------------- window totals in range
+
+
+def test_a_window_that_would_overflow_never_reaches_the_sink(migrated_storage: Storage) -> None:
+    """Two valid events of 6 * 10**37 nano-units in one hour: the second is a dead letter,
+    and the flush - the window total included - is stored as it is, with nothing refused."""
+    import time
+
+    from meterline.sinks.rollups import RollupTotalsQuery, write_flush
+
+    now = time.time_ns() // 1_000_000
+    ts = now - HOUR_MS  # recent: inside every TTL
+    big = 6 * 10**37
+    proc = PartitionProcessor("usage", 0, REGISTRY)
+    proc.process(SourceRecord("usage", 0, 0, encode_batch(Batch(
+        "b1", now, ["acme"] * 3, ["tokens"] * 3, [big, big, 5], [ts] * 3)), now))
+    proc.process(SourceRecord("usage", 0, 1, encode_batch(Batch(
+        "b2", now, ["acme"] * 2, ["tokens"] * 2, [big, 7], [ts] * 2)), now))
+    flush = proc.take_flush()
+    assert sorted((d.offset, d.position, d.reason) for d in flush.dead_letters) == [
+        (0, 1, "event.window_total_out_of_range"), (1, 0, "event.window_total_out_of_range")]
+    counts = write_flush(migrated_storage, flush)
+    assert (counts.refused, counts.hourly, counts.daily, counts.dead_letters) == (0, 1, 1, 2)
+    db = migrated_storage.database
+    hourly = RollupTotalsQuery("hour", "acme", "tokens", db).run(migrated_storage)  # type: ignore[arg-type]
+    assert hourly == {("acme", "tokens", ts - ts % HOUR_MS): big + 12}
+
+
+# ---------------------------------------------------------------- two clocks, one horizon
+
+HORIZON = 86_400_000
+
+
+def _worker(store: CheckpointStore, table: ReplacingTable, id_dir: Path | None = None
+            ) -> RollupWorker:
+    w = RollupWorker(REGISTRY, table, store, group="g", id_store_dir=id_dir)
+    w.assign([TopicPartition("usage", 0)])
+    return w
+
+
+def _record(offset: int, log_ms: int, batch: Batch) -> SourceRecord:
+    return SourceRecord("usage", 0, offset, encode_batch(batch), log_ms)
+
+
+@pytest.mark.parametrize("crash_after", [None, 0, 1, 2, 3])
+def test_a_resend_after_the_horizon_on_a_stalled_watermark_counts_once(
+        crash_after: int | None, tmp_path: Path) -> None:
+    """A quiet partition: its newest event time stays at E while log time runs 2 days on.
+    The resent event's hour is still open, so it must be recognised - also by a worker
+    restored from a checkpoint whose id delta is older than the horizon. The crash comes
+    after any record; every record is checkpointed."""
+    from meterline.aggregators.checkpoints import MemoryCheckpointStore
+
+    e = DAY0 + 10 * HOUR_MS + 600_000
+    t0 = e + 60_000
+    keyed = Batch("b0", t0, ["c1"], ["tokens"], [SCALE], [e], ids=["req-1"])
+    records = [
+        _record(0, t0, keyed),
+        _record(1, t0 + 20 * HOUR_MS, Batch("b1", t0, ["c1"], ["tokens"], [2 * SCALE], [e - 1])),
+        _record(2, t0 + 40 * HOUR_MS, Batch("b2", t0, ["c1"], ["tokens"], [4 * SCALE], [e])),
+        _record(3, t0 + 48 * HOUR_MS, Batch("b3", t0, ["c1"], ["tokens"], [8 * SCALE], [e],
+                                            ids=["req-1"])),  # the application's retry
+        _record(4, t0 + 50 * HOUR_MS, keyed),  # the SDK's spool replay, same bytes
+    ]
+    store, table = MemoryCheckpointStore(), ReplacingTable()
+    w = _worker(store, table, tmp_path / "ids")
+    for rec in records:
+        w.process(rec)
+        w.flush(checkpoint=True)
+        if rec.offset == crash_after:
+            w = _worker(store, table, tmp_path / f"ids-{rec.offset}")
+    assert table.totals("hourly") == {("c1", "tokens", e - e % HOUR_MS): 7 * SCALE}
+    assert any("/ids/" in k for k in store.blobs)  # the id delta outlived the horizon
+
+
+def test_where_the_watermark_moved_a_late_resend_goes_to_late_events_only() -> None:
+    e = DAY0 + 10 * HOUR_MS
+    proc = PartitionProcessor("usage", 0, REGISTRY)
+    table = ReplacingTable()
+    proc.process(_record(0, e, Batch("b0", e, ["c1"], ["tokens"], [SCALE], [e], ids=["k"])))
+    proc.process(_record(1, e + 4 * HOUR_MS, Batch("b1", e, ["c1"], ["tokens"], [SCALE],
+                                                   [e + 4 * HOUR_MS])))  # closes e's hour
+    proc.process(_record(2, e + HORIZON - 1, Batch("b2", e, ["c1"], ["tokens"], [SCALE], [e],
+                                                   ids=["k"])))
+    proc.process(_record(3, e + HORIZON, Batch("b3", e, ["c1"], ["tokens"], [SCALE], [e],
+                                               ids=["k"])))
+    table.write(proc.take_flush())
+    assert (proc.counters.duplicate, proc.counters.late) == (1, 1)
+    assert table.totals("hourly") == {("c1", "tokens", e): SCALE,
+                                      ("c1", "tokens", e + 4 * HOUR_MS): SCALE}
+    assert list(table.late) == [("c1", "tokens", e, "k")]
+
+
+# ---------------------------------------------------------------- upgrades
+
+# Written by the format-3 worker (main at c2893ee, before ids were scoped; this REGISTRY)
+# for: offset 0 =
+# batch "b0", c1's tokens under key "req-1"; offset 1 = producer "sdk-1"'s batch 0; both at
+# OLD_E, log time OLD_T0 (+1 s). The id delta is a bare list of [id, first seen, offset].
+OLD_E = DAY0 + 10 * HOUR_MS + 600_000
+OLD_T0 = OLD_E + 60_000
+FORMAT3_DELTA = ("g/usage/0/ids/00000000000000000002", '[["req-1", 1699956660000, 0]]')
+FORMAT3_BLOB = (
+    '{"format": 3, "source": "usage", "partition": 0, "next_offset": 2, "clock_ms": '
+    '1699956661000, "max_event_ms": 1699956600000, "closed_before_ms": 1699949340000, '
+    '"source_partitions": null, "settings": [7200000, 60000, 86400000], "batches": '
+    '[1699956660000, [[1699956660000, "b0"]]], "sequences": [1699956661000, {"sdk-1": '
+    '[[0, 0, 1699956661000]]}], "ids_clock_ms": 1699956660000, "cells": [["hourly", "c1", '
+    '"tokens", [["model", ""]], 1699956000000, "sum", 3000000000, 2], ["daily", "c1", '
+    '"tokens", [["model", ""]], 1699920000000, "sum", 3000000000, 2]]}')
+
+
+def test_an_upgraded_worker_recognises_resends_of_ids_from_a_format_3_checkpoint(
+        tmp_path: Path) -> None:
+    import zlib
+
+    from meterline.aggregators.checkpoints import MemoryCheckpointStore
+
+    assert (OLD_E, OLD_T0) == (1699956600000, 1699956660000)
+    store, table = MemoryCheckpointStore(), ReplacingTable()
+    store.blobs = {"g/usage/0": zlib.compress(FORMAT3_BLOB.encode()),
+                   FORMAT3_DELTA[0]: zlib.compress(FORMAT3_DELTA[1].encode())}
+    ids = tmp_path
+    w = _worker(store, table, ids / "a")
+    t = OLD_T0 + HOUR_MS
+    w.process(_record(2, t, Batch("r1", t, ["c1", "c2", "c1"], ["tokens"] * 3,
+                                  [SCALE, SCALE, 5 * SCALE], [OLD_E] * 3,
+                                  ids=["req-1", "req-1", "req-2"])))
+    w.process(_record(3, t, Batch("b0", OLD_T0, ["c1"], ["tokens"], [SCALE], [OLD_E],
+                                  ids=["req-1"])))
+    w.process(_record(4, t, Batch("b1", OLD_T0, ["c1"], ["tokens"], [2 * SCALE], [OLD_E],
+                                  producer="sdk-1", seq=0)))
+    w.flush(checkpoint=True)
+    assert FORMAT3_DELTA[0] in store.blobs  # old ids still held: the delta stays
+    # Restart two days of log time later; the watermark stalled at OLD_E meanwhile.
+    w = _worker(store, table, ids / "b")
+    t = OLD_T0 + 2 * HORIZON
+    w.process(_record(5, t, Batch("r2", t, ["c2"], ["tokens"], [SCALE], [OLD_E],
+                                  ids=["req-1"])))
+    w.process(_record(6, t, Batch("b1", OLD_T0, ["c1"], ["tokens"], [2 * SCALE], [OLD_E],
+                                  producer="sdk-1", seq=0)))
+    w.flush(checkpoint=True)
+    # Events four hours on close OLD_E's hour: the legacy ids drain, keys are scoped again.
+    later = OLD_E + 4 * HOUR_MS
+    w.process(_record(7, t + 1, Batch("r3", t, ["c1"], ["tokens"], [SCALE], [later])))
+    w.process(_record(8, t + 2, Batch("r4", t, ["c2"], ["tokens"], [7 * SCALE], [later],
+                                      ids=["req-1"])))
+    w.flush(checkpoint=True)
+    assert FORMAT3_DELTA[0] not in store.blobs
+    hour = OLD_E - OLD_E % HOUR_MS
+    assert table.totals("hourly") == {("c1", "tokens", hour): 8 * SCALE,  # 3 old + req-2
+                                      ("c1", "tokens", later - later % HOUR_MS): SCALE,
+                                      ("c2", "tokens", later - later % HOUR_MS): 7 * SCALE}
+    proc = w.processors[TopicPartition("usage", 0)]
+    assert proc.dedupers.legacy_ids is None and proc.legacy_until_ms is None
+
+
+def test_bare_ids_of_a_format_2_checkpoint_survive_the_next_checkpoint() -> None:
+    import json
+    import zlib
+
+    doc = json.loads(FORMAT3_BLOB)
+    doc["format"] = 2
+    del doc["ids_clock_ms"]
+    doc["events"] = [OLD_T0, [[OLD_T0, "req-1"]]]  # formats 1-2 kept the ids in the blob
+    proc = PartitionProcessor.from_checkpoint(zlib.compress(json.dumps(doc).encode()), REGISTRY)
+    again = PartitionProcessor.from_checkpoint(proc.checkpoint(), REGISTRY)
+    t = OLD_T0 + 2 * HORIZON  # past the horizon, but OLD_E's hour is still open
+    again.process(_record(2, t, Batch("r", t, ["c9"], ["tokens"], [SCALE], [OLD_E],
+                                      ids=["req-1"])))
+    assert (again.counters.duplicate, again.counters.accepted) == (1, 0)

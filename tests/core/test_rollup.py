@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterline.core.aggregations import aggregator_for
+from meterline.core.dedupe import scoped_id
 from meterline.core.envelope import Batch
 from meterline.core.lateness import PartitionWatermark
 from meterline.core.meters import MeterRegistry
@@ -367,3 +368,193 @@ def test_streaming_core_imports_only_stdlib_and_core(module: str) -> None:
         top = name.split(".")[0]
         assert name.startswith("meterline.core") or top in sys.stdlib_module_names or (
             top == "__future__"), f"{module} imports {name}"
+
+
+# ---------------------------------------------------------------- window totals in range
+# Decimal(38, 9) holds |total| <= MAX_NANOS; a window beyond it could never be written and
+# would stall every later flush of the partition.
+
+BIG = 6 * 10**37  # nano-units: one fits, two in one window do not
+
+
+def test_an_event_that_would_overflow_its_window_is_a_dead_letter(
+        harness: Callable[..., Harness]) -> None:
+    h = harness()
+    out = h.apply(make_batch("b1", [ev(qty=BIG, id="first"), ev(qty=BIG, id="second"),
+                                    ev(qty=5, id="small")]))
+    assert "window_total_out_of_range" in REJECTION_REASONS
+    assert out.dead_letters == [DeadLetter(1, "second", "window_total_out_of_range")]
+    assert (out.accepted, out.rejected) == (2, 1)
+    hour, day = (key("hourly", "tokens", (("model", ""),), H0),
+                 key("daily", "tokens", (("model", ""),), DAY0))
+    assert h.totals() == {hour: BIG + 5, day: BIG + 5}
+    assert h.rows()[day].events == 2
+    later = h.apply(make_batch("b2", [ev(qty=7), ev(qty=BIG)]))  # the window still works
+    assert (later.accepted, [d.reason for d in later.dead_letters]) == (
+        1, ["window_total_out_of_range"])
+    assert h.totals() == {hour: BIG + 12, day: BIG + 12}
+
+
+def test_the_daily_total_is_checked_too_and_nothing_changes_on_rejection(
+        harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.apply(make_batch("b1", [ev(qty=BIG), ev(qty=3, ts=H0 + HOUR_MS)]))
+    before = h.rows()
+    # Fits its hour (3 + BIG) but not the day (2 * BIG + 3): neither window takes it, and
+    # an hour that had no event yet gets no empty window either.
+    out = h.apply(make_batch("b2", [ev(qty=BIG, ts=H0 + HOUR_MS),
+                                    ev(qty=BIG, ts=H0 + 2 * HOUR_MS)]))
+    assert [d.reason for d in out.dead_letters] == ["window_total_out_of_range"] * 2
+    assert out.dirty == set()
+    assert h.rows() == before  # totals, events and versions
+    assert key("hourly", "tokens", (("model", ""),), H0 + 2 * HOUR_MS) not in h.totals()
+
+
+def test_negative_totals_are_bounded_as_well(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    out = h.apply(make_batch("b1", [ev(meter="credits", qty=-BIG), ev(meter="credits", qty=-BIG),
+                                    ev(meter="credits", qty=BIG), ev(meter="credits", qty=-BIG)]))
+    assert [d.position for d in out.dead_letters] == [1]  # -BIG + BIG brought it back
+    assert h.totals()[key("daily", "credits", (), DAY0)] == -BIG
+
+
+def test_results_that_cannot_leave_the_range_are_never_refused(
+        harness: Callable[..., Harness]) -> None:
+    h = harness()
+    out = h.apply(make_batch("b1", [
+        ev(meter=m, qty=MAX_NANOS, dims={"user_id": f"u{i}"} if m == "users" else None)
+        for m in ("api_calls", "peak", "seats", "users") for i in range(3)]))
+    assert (out.accepted, out.rejected) == (12, 0)
+    totals = h.totals()
+    assert totals[key("daily", "peak", (), DAY0)] == MAX_NANOS
+    assert totals[key("daily", "api_calls", (("endpoint", ""), ("region", "")), DAY0)] == 3 * SCALE
+
+
+def test_an_overflowing_event_id_is_not_remembered(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.apply(make_batch("b1", [ev(qty=BIG), ev(qty=BIG, id="k")]))
+    out = h.apply(make_batch("b2", [ev(qty=SCALE, id="k")]))  # the corrected resend counts
+    assert (out.accepted, out.duplicate) == (1, 0)
+    again = h.apply(make_batch("b3", [ev(qty=BIG, id="k")]))  # now it is a resend
+    assert (again.duplicate, again.rejected) == (1, 0)
+
+
+def test_merging_hours_is_exact_where_partial_sums_leave_the_range(
+        harness: Callable[..., Harness]) -> None:
+    # Arrival order +BIG (h1), -BIG (h3), +BIG (h2): every running total of the day fits,
+    # but merging hours in time order passes through 2 * BIG. Python ints do not wrap, so
+    # the merge still equals the checked daily fold.
+    h = harness()
+    out = h.apply(make_batch("b1", [ev(meter="credits", qty=BIG, ts=H0),
+                                    ev(meter="credits", qty=-BIG, ts=H0 + 2 * HOUR_MS),
+                                    ev(meter="credits", qty=BIG, ts=H0 + HOUR_MS)]))
+    assert out.accepted == 3
+    day = key("daily", "credits", (), DAY0)
+    assert h.state.daily_from_hours(day) == h.totals()[day] == BIG
+
+
+@given(qtys=st.lists(st.tuples(st.integers(-MAX_NANOS, MAX_NANOS), st.integers(0, 2)),
+                     min_size=1, max_size=30), cut=st.integers(0, 30))
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_totals_stay_in_range_and_equal_the_accepted_events(
+        harness: Callable[..., Harness], qtys: list[tuple[int, int]], cut: int) -> None:
+    events = [ev(meter="credits", qty=q, ts=H0 + hour * HOUR_MS) for q, hour in qtys]
+    h = harness()
+    rejected: set[int] = set()
+    for n, part in enumerate((events[:cut], events[cut:])):
+        if part:
+            out = h.apply(make_batch(f"b{n}", part))
+            assert {d.reason for d in out.dead_letters} <= {"window_total_out_of_range"}
+            rejected |= {d.position + (cut if n else 0) for d in out.dead_letters}
+    hourly: dict[int, int] = {}
+    for i, (q, hour) in enumerate(qtys):
+        if i not in rejected:
+            hourly[hour] = hourly.get(hour, 0) + q
+    totals = h.totals()
+    for hour, total in hourly.items():
+        assert totals[key("hourly", "credits", (), H0 + hour * HOUR_MS)] == total
+    assert totals[key("daily", "credits", (), DAY0)] == sum(hourly.values())
+    assert all(-MAX_NANOS <= v <= MAX_NANOS for v in totals.values())
+    if all(abs(q) <= MAX_NANOS // 30 for q, _ in qtys):
+        assert not rejected  # no false alarms where no total can leave the range
+
+
+# ---------------------------------------------------------------- idempotency scope
+
+
+def test_a_key_is_scoped_to_customer_and_meter(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    out = h.apply(make_batch("b1", [
+        ev(id="req-1"), ev(id="req-1", customer="globex"),  # another customer's request
+        ev(meter="api_calls", id="req-1"),  # the same request metered twice
+        ev(id="req-1", qty=5 * SCALE),  # acme's tokens again under its key: a resend
+    ]))
+    assert (out.accepted, out.duplicate) == (3, 1)
+    totals = h.totals()
+    assert totals[key("daily", "tokens", (("model", ""),), DAY0)] == SCALE
+    assert totals[key("daily", "tokens", (("model", ""),), DAY0, customer="globex")] == SCALE
+    again = h.apply(make_batch("b2", [ev(id="req-1", customer="globex"),
+                                      ev(meter="api_calls", id="req-1")]))
+    assert again.duplicate == 2
+
+
+def test_scope_parts_cannot_run_into_each_other(harness: Callable[..., Harness]) -> None:
+    # With plain concatenation ("a1" + "b" == "a" + "1b") these would collide.
+    h = harness()
+    out = h.apply(make_batch("b1", [ev(customer="a1", meter="tokens", id="tokensx"),
+                                    ev(customer="a", meter="tokens", id="1tokensx")]))
+    assert out.accepted == 2
+
+
+# ---------------------------------------------------------------- two clocks, one horizon
+
+HORIZON = 86_400_000
+
+
+def test_a_stalled_watermark_keeps_ids_of_open_windows(harness: Callable[..., Harness]) -> None:
+    """A quiet partition: nothing newer arrives, so the watermark stands still while log
+    time runs on for two days. Every resend must still be recognised: its window is open."""
+    h = harness(allowed_lateness_ms=2 * HOUR_MS)
+    t0 = H0 + 5 * 60_000
+    first = make_batch("b1", [ev(ts=H0, id="k")])
+    assert h.apply(first, now_ms=t0).accepted == 1
+    other = Batch("b2", t0, ["acme"], ["tokens"], [SCALE], [H0], producer="sdk-1", seq=0)
+    assert h.apply(other, now_ms=t0).accepted == 1
+    for later in (t0 + HORIZON, t0 + 2 * HORIZON):
+        assert h.apply(make_batch(f"r{later}", [ev(ts=H0, id="k")]), now_ms=later).duplicate == 1
+        assert h.apply(first, now_ms=later).duplicate_batch
+        assert h.apply(other, now_ms=later).duplicate_batch
+    assert h.totals()[key("hourly", "tokens", (("model", ""),), H0)] == 2 * SCALE
+
+
+def test_where_the_watermark_moved_forgotten_ids_find_their_window_closed(
+        harness: Callable[..., Harness]) -> None:
+    h = harness(allowed_lateness_ms=2 * HOUR_MS)
+    t0 = H0 + 5 * 60_000
+    h.apply(make_batch("b1", [ev(ts=H0, id="k")]), now_ms=t0)
+    h.apply(make_batch("b2", [ev(ts=H0 + 4 * HOUR_MS)]), now_ms=t0 + 4 * HOUR_MS)  # closes H0
+    within = h.apply(make_batch("b3", [ev(ts=H0, id="k")]), now_ms=t0 + HORIZON - 1)
+    assert within.duplicate == 1  # within the horizon: a duplicate, not even a late event
+    after = h.apply(make_batch("b4", [ev(ts=H0, id="k")]), now_ms=t0 + HORIZON)
+    assert (after.duplicate, after.accepted, after.late_events) == (
+        0, 0, [LateEvent(0, "k", H0)])  # forgotten: it can only reach the late table
+    assert h.totals()[key("hourly", "tokens", (("model", ""),), H0)] == SCALE
+
+
+def test_ids_go_once_both_the_horizon_passed_and_their_window_closed(
+        harness: Callable[..., Harness]) -> None:
+    h = harness(allowed_lateness_ms=0)
+    t0 = H0
+    h.apply(make_batch("b1", [ev(ts=H0, id=f"k{i}") for i in range(50)]), now_ms=t0)
+    events = h.dedupers.events
+    assert len(events) == 50  # type: ignore[arg-type]
+    # Expiry runs as ids are looked up, so every batch here carries one.
+    h.apply(make_batch("b2", [ev(ts=H0 + 10, id="x2")]), now_ms=t0 + 2 * HORIZON)
+    assert len(events) == 51 and events.held_by_windows == 50  # type: ignore[attr-defined]
+    h.apply(make_batch("b3", [ev(ts=H0 + HOUR_MS, id="x3")]), now_ms=t0 + 2 * HORIZON + 1)
+    h.apply(make_batch("b4", [ev(ts=H0 + HOUR_MS, id="x4")]), now_ms=t0 + 2 * HORIZON + 2)
+    # The watermark passed H0's end: the 50 old ids go; the new ones keep their horizon.
+    assert len(events) == 3 and events.held_by_windows == 0  # type: ignore[attr-defined]
+    assert scoped_id("acme", "tokens", "x2") in events  # type: ignore[operator]
+    assert [k for t, k, u in h.dedupers.batches.export()[1]] == [  # type: ignore[attr-defined]
+        "b2", "b3", "b4"]

@@ -19,8 +19,11 @@ def _record(offset: int, payload: bytes, partition: int = 0) -> SourceRecord:
 def _batch(batch_id: str, customers: list[str], meters: list[str] | None = None,
            ts: int = NOW - 60_000) -> bytes:
     n = len(customers)
-    return encode_batch(Batch(batch_id, NOW, customers, meters or ["api_calls"] * n,
-                              [10**9] * n, [ts + i for i in range(n)]))
+    # Created when its events happened: without a log timestamp the batch's own clock
+    # bounds how far ahead an event may be (as in the rollup stage).
+    return encode_batch(Batch(batch_id, max(NOW, ts + n), customers,
+                              meters or ["api_calls"] * n, [10**9] * n,
+                              [ts + i for i in range(n)]))
 
 
 class ListSource:
@@ -111,3 +114,83 @@ def _now_ms() -> int:
     import time
 
     return time.time_ns() // 1_000_000
+
+
+# ------------------------------------------------------------------- issue 8: per-event
+
+
+def _envelope(batch_id: str, events: list[tuple[str, str, int | str, int]],
+              created_ms: int, ids: list[str | None] | None = None) -> bytes:
+    """Raw JSON, so a producer can send what the SDK would refuse (60-digit quantities)."""
+    customers, meters, quantities, stamps = (list(col) for col in zip(*events, strict=True))
+    doc: dict[str, Any] = {"v": 1, "batch_id": batch_id, "created_ms": created_ms,
+                           "count": len(events), "customer": customers, "meter": meters,
+                           "quantity": quantities, "timestamp_ms": stamps}
+    if ids is not None:
+        doc["id"] = ids
+    return orjson.dumps(doc)
+
+
+def test_one_bad_event_is_a_dead_letter_and_the_rest_of_the_poll_lands(
+        migrated_storage: Any) -> None:
+    """Old code: a 60-digit quantity made insert_raw_events raise for the whole poll (the
+    partition stalled forever); a time past 2106 or older than the raw TTL was inserted
+    and deleted unseen."""
+    now = _now_ms()
+    day = 86_400_000
+    records = [
+        SourceRecord("usage", 0, 0, _envelope("ok1", [("acme", "api_calls", 10**9, now - 5)],
+                                              now), timestamp_ms=now),
+        SourceRecord("usage", 0, 1, _envelope("mixed", [
+            ("acme", "api_calls", "9" * 60, now - 4),  # beyond Decimal(38, 9)
+            ("acme", "api_calls", 2 * 10**9, now - 3),
+            ("acme", "api_calls", 10**9, 5_000_000_000_000),  # year 2128
+            ("acme", "api_calls", 10**9, 900_000_000_000),  # 1998
+            ("acme", "api_calls", 10**9, now + 3_600_000),  # an hour ahead of the log
+            ("acme", "api_calls", 10**9, now - 40 * day),  # past raw_events' 35 days
+            ("beta", "api_calls", 3 * 10**9, now - 2),
+        ], now), timestamp_ms=now),
+        SourceRecord("usage", 0, 2, _envelope("ok2", [("beta", "api_calls", 10**9, now - 1)],
+                                              now), timestamp_ms=now),
+    ]
+    source = ListSource(records)
+    loader = RawEventLoader(migrated_storage, source, clock_ms=lambda: now)
+    step = loader.run_once()
+    assert [r.offset for r in source.committed] == [0, 1, 2]
+    assert (step.events, step.dead_letters) == (4, 5)
+    assert step.by_reason == {"event.quantity_out_of_range": 1,
+                              "event.timestamp_out_of_range": 3,
+                              "event.outside_retention": 1}
+    summary = UsageSummaryQuery(database=migrated_storage.database).run(migrated_storage)
+    assert {(r.customer, r.quantity_nano, r.events) for r in summary} == {
+        ("acme", 3 * 10**9, 2), ("beta", 4 * 10**9, 2)}
+    rows = migrated_storage.query_rows(
+        f"SELECT position, reason, payload FROM {migrated_storage.database}.dead_letters FINAL "
+        "ORDER BY position")
+    assert [(p, r) for p, r, _ in rows] == [
+        (0, "event.quantity_out_of_range"), (2, "event.timestamp_out_of_range"),
+        (3, "event.timestamp_out_of_range"), (4, "event.timestamp_out_of_range"),
+        (5, "event.outside_retention")]
+    # the event itself, quantity in units as the caller wrote it
+    assert orjson.loads(rows[0][2])["quantity"] == "9" * 51 + "." + "9" * 9
+
+
+def test_both_stages_write_a_rejected_event_alike() -> None:
+    """One dead-letter builder, one unit: old code wrote the raw stage's quantity in
+    nano-units ("100000000") and the rollup stage's in units ("0.1")."""
+    from meterline.aggregators.processor import PartitionProcessor
+    from meterline.core.meters import MeterRegistry
+
+    registry = MeterRegistry.from_mapping({"meters": {"api_calls": {"aggregation": "sum"}}})
+    payload = encode_batch(Batch("b", NOW, [""], ["api_calls"], [100_000_000], [NOW - 5],
+                                 ids=["my-id"], dimensions=[{"region": "eu"}]))
+    record = SourceRecord("usage", 0, 0, payload, NOW)
+    proc = PartitionProcessor("usage", 0, registry)
+    proc.process(record)
+    [rollup_dead] = proc.take_flush().dead_letters
+    _, raw_dead, _ = build_rows([record], NOW)
+    assert raw_dead.reason == [rollup_dead.reason] == ["event.missing_customer"]
+    assert raw_dead.payload == [rollup_dead.payload]
+    assert orjson.loads(rollup_dead.payload) == {
+        "id": "my-id", "customer": "", "meter": "api_calls", "quantity": "0.1",
+        "timestamp_ms": NOW - 5, "dimensions": {"region": "eu"}}

@@ -17,13 +17,15 @@ from meterline.sinks.raw_events import (
     nano_from_decimal,
 )
 
+HOUR_MS = 3_600_000
+
 # --------------------------------------------------------------------------- query objects
 
 
 def test_usage_query_sql_is_exact() -> None:
     sql, params = UsageQuery("acme", "api_calls", 1_000, 2_000).to_sql()
     assert sql == (
-        "SELECT sum(quantity) AS quantity, count() AS events\n"
+        "SELECT sum(toDecimal256(quantity, 9)) AS quantity, count() AS events\n"
         "FROM meterline.raw_events_deduplicated\n"
         "WHERE customer = {customer:String}\n"
         "  AND meter = {meter:String}\n"
@@ -57,7 +59,7 @@ def test_usage_query_validation_collects_errors() -> None:
 def test_summary_query_without_filters() -> None:
     sql, params = UsageSummaryQuery().to_sql()
     assert sql == (
-        "SELECT customer, meter, sum(quantity) AS quantity, count() AS events,"
+        "SELECT customer, meter, sum(toDecimal256(quantity, 9)) AS quantity, count() AS events,"
         " min(timestamp_ms) AS first_timestamp_ms, max(timestamp_ms) AS last_timestamp_ms\n"
         "FROM meterline.raw_events_deduplicated\n"
         "GROUP BY customer, meter\n"
@@ -69,7 +71,7 @@ def test_summary_query_without_filters() -> None:
 def test_summary_query_with_every_filter() -> None:
     sql, params = UsageSummaryQuery(start_ms=10, end_ms=20, customer="acme").to_sql()
     assert sql == (
-        "SELECT customer, meter, sum(quantity) AS quantity, count() AS events,"
+        "SELECT customer, meter, sum(toDecimal256(quantity, 9)) AS quantity, count() AS events,"
         " min(timestamp_ms) AS first_timestamp_ms, max(timestamp_ms) AS last_timestamp_ms\n"
         "FROM meterline.raw_events_deduplicated\n"
         "WHERE customer = {customer:String}\n"
@@ -151,28 +153,50 @@ def test_insert_and_read_back_usage(migrated_storage: Any, make_raw_events: Any,
     ]
 
 
-def test_redelivered_events_count_once_and_last_delivery_wins(
+def test_deliveries_count_once_as_their_first_copy_in_log_order(
     migrated_storage: Any, make_raw_events: Any, now_ms: int
 ) -> None:
+    """Scope (customer, meter, event_id), first delivery in log order wins - the rollups'
+    rule. Old code keyed on (customer, meter, timestamp_ms, event_id) with the last
+    delivery winning: a retried ``emit(id=...)`` with a new timestamp counted twice."""
     db = migrated_storage.database
-    first = make_raw_events(3, batch_id="b1", ingested_at_ms=now_ms + 1)
-    insert_raw_events(migrated_storage, first)
-    # an SDK retry re-sends the batch; a spool replay re-sends it again later
-    insert_raw_events(migrated_storage, make_raw_events(3, batch_id="b1-retry",
-                                                        ingested_at_ms=now_ms + 2))
-    insert_raw_events(migrated_storage, make_raw_events(3, batch_id="b1-replay",
-                                                        ingested_at_ms=now_ms + 3))
-    totals = UsageQuery("acme", "api_calls", now_ms, now_ms + 100, database=db).run(
-        migrated_storage
-    )
-    assert totals == UsageTotals(quantity_nano=300_000_000, events=3)
-    batches = migrated_storage.query_rows(
-        f"SELECT DISTINCT batch_id FROM {db}.raw_events_deduplicated"
-    )
-    assert batches == [("b1-replay",)]
-    # still exact after the background merge physically collapses the rows
+    month_ms = 32 * 24 * HOUR_MS
+
+    def delivery(offset: int, batch: str, ts: list[int], qty: int) -> Any:
+        return make_raw_events(3, batch_id=batch, timestamp_ms=ts, quantity_nano=qty,
+                               source_partition=[0] * 3, source_offset=[offset] * 3,
+                               position=[0, 1, 2], ingested_at_ms=now_ms + offset)
+
+    # inserted newest first: the log position decides, not the insert order
+    retry_ts = [now_ms + 10 * HOUR_MS + i for i in range(3)]  # a retry: new timestamps
+    insert_raw_events(migrated_storage, delivery(9, "retry", retry_ts, 7))
+    insert_raw_events(migrated_storage, delivery(5, "first", [now_ms - month_ms + i
+                                                              for i in range(3)], 100))
+    insert_raw_events(migrated_storage, delivery(5, "first", [now_ms - month_ms + i
+                                                              for i in range(3)], 100))  # replay
+    # the same ids under another meter and another customer are other events
+    insert_raw_events(migrated_storage, make_raw_events(3, meter="tokens", quantity_nano=1))
+    insert_raw_events(migrated_storage, make_raw_events(3, customer="beta", quantity_nano=2))
+    totals = UsageQuery("acme", "api_calls", now_ms - 2 * month_ms, now_ms + month_ms,
+                        database=db).run(migrated_storage)
+    assert totals == UsageTotals(quantity_nano=300, events=3)
+    # the retry's time range holds nothing: its copy is not the one that counts
+    assert UsageQuery("acme", "api_calls", now_ms + HOUR_MS, now_ms + month_ms,
+                      database=db).run(migrated_storage) == UsageTotals(0, 0)
+    summary = UsageSummaryQuery(database=db).run(migrated_storage)
+    assert [(r.customer, r.meter, r.quantity_nano, r.events) for r in summary] == [
+        ("acme", "api_calls", 300, 3), ("acme", "tokens", 3, 3), ("beta", "api_calls", 6, 3)]
+    rows = migrated_storage.query_rows(
+        f"SELECT DISTINCT batch_id, deliveries FROM {db}.raw_events_deduplicated "
+        f"WHERE meter = 'api_calls' AND customer = 'acme'")
+    assert rows == [("first", 3)]
+    # still exact after merges: a replay of one delivery collapses, deliveries do not
     migrated_storage.execute(f"OPTIMIZE TABLE {db}.raw_events FINAL")
-    assert migrated_storage.query_rows(f"SELECT count() FROM {db}.raw_events") == [(3,)]
+    assert migrated_storage.query_rows(
+        f"SELECT count() FROM {db}.raw_events WHERE customer = 'acme' AND meter = 'api_calls'"
+    ) == [(6,)]
+    assert UsageQuery("acme", "api_calls", now_ms - 2 * month_ms, now_ms + month_ms,
+                      database=db).run(migrated_storage) == UsageTotals(300, 3)
 
 
 def test_empty_batches_are_not_sent(chdb_storage: Any, make_raw_events: Any) -> None:
@@ -241,3 +265,17 @@ def test_dead_letter_validation_collects_every_error() -> None:
     assert len(info.value.errors) == 4, joined
     for fragment in ("position", "stage", "'rating'", "source_offset", "source_partition"):
         assert fragment in joined
+
+
+def test_totals_beyond_one_quantity_are_exact(migrated_storage: Any, make_raw_events: Any,
+                                               now_ms: int) -> None:
+    """Each event fits Decimal(38, 9), their total does not (nor Int128): old code summed
+    in Decimal(38, 9) and refused the total (to_nanos' single-quantity range), so one big
+    customer broke the summary of every customer."""
+    big = 6 * 10**37  # nano-units
+    insert_raw_events(migrated_storage, make_raw_events(3, quantity_nano=big))
+    insert_raw_events(migrated_storage, make_raw_events(1, customer="small", quantity_nano=5))
+    db = migrated_storage.database
+    summary = UsageSummaryQuery(database=db).run(migrated_storage)
+    assert {(r.customer, r.quantity_nano) for r in summary} == {("acme", 3 * big), ("small", 5)}
+    assert nano_from_decimal(Decimal("180000000000000000000000000000.000000001")) == 3 * big + 1

@@ -36,6 +36,7 @@ from meterline.sinks.rollups import (
 )
 
 GROUP = (("region", "eu"),)
+H = 1_789_999_200_000  # an hour start in 2026: pure tests need plausible times too
 
 
 def _hour(now_ms: int, offset: int = 0) -> int:
@@ -103,11 +104,11 @@ class RecordingStorage:
 def test_write_flush_routes_records_to_their_tables() -> None:
     storage = RecordingStorage()
     flush = Flush(
-        rollups=[_rollup(0), _rollup(0, window="daily"), _rollup(HOUR_MS, value_nanos=10**30)],
+        rollups=[_rollup(H), _rollup(H, window="daily"), _rollup(H + HOUR_MS, value_nanos=10**30)],
         dead_letters=[_dead()],
-        late=[_late(0)],
+        late=[_late(H)],
     )
-    counts = write_flush(storage, flush, database="billing", clock_ms=lambda: 77)
+    counts = write_flush(storage, flush, database="billing", clock_ms=lambda: H + 77)
     assert counts == FlushCounts(hourly=2, daily=1, dead_letters=1, late=1)
     assert counts.total == 5
     tables = [table for table, _, _ in storage.inserts]
@@ -118,7 +119,7 @@ def test_write_flush_routes_records_to_their_tables() -> None:
     assert types["value_nano"] == "Int128"
     assert hourly["group_key"] == ["region=eu", "region=eu"]
     assert hourly["dimensions"] == [{"region": "eu"}, {"region": "eu"}]
-    assert hourly["updated_at_ms"] == [77, 77]
+    assert hourly["updated_at_ms"] == [H + 77, H + 77]
     assert hourly["source_partition"] == [0, 0]
     _, late, late_types = storage.inserts[2]
     assert late["quantity_nano"] == [250_000_000]
@@ -134,27 +135,56 @@ def test_write_flush_of_nothing_sends_nothing() -> None:
     assert storage.inserts == []
 
 
-def test_write_flush_validates_everything_before_writing() -> None:
+def test_write_flush_refuses_each_bad_row_and_writes_the_rest() -> None:
+    """Old code: one bad row failed the whole flush (SinkConfigError), so the output loader
+    and the embedded runner retried it forever. Now each row that storage cannot hold is
+    a ``load`` dead letter with its reason and the good rows of the flush still land."""
     storage = RecordingStorage()
+    good_hour, good_late = _rollup(H, customer="good"), _late(H, "ok")
     flush = Flush(
         rollups=[
-            _rollup(0, value_nanos=1.5),
-            _rollup(0, window="weekly"),
-            _rollup(0, window="daily", events=-1, version=True),
-            _rollup(0, value_nanos=10**38),  # beyond Decimal(38, 9)
+            _rollup(H, value_nanos=1.5),
+            good_hour,
+            _rollup(H, window="weekly"),
+            _rollup(H, window="daily", events=-1, version=True),
+            _rollup(H + HOUR_MS, value_nanos=10**38),  # a window total beyond Decimal(38, 9)
         ],
-        dead_letters=[_dead(position=2**31)],
-        late=[_late(0, quantity_nanos=0.25)],
+        dead_letters=[_dead(position=2**31), _dead(3)],
+        late=[_late(H, quantity_nanos=0.25), good_late],
     )
-    with pytest.raises(SinkConfigError) as info:
-        write_flush(storage, flush, stage="rating")
-    joined = "\n".join(info.value.errors)
-    for fragment in ("'weekly'", "hourly rollups: value_nanos must hold only int",
-                     "daily rollups: events has values outside", "daily rollups: version",
-                     "late events: quantity_nanos", "dead letters: position",
-                     "dead letters: stage"):
-        assert fragment in joined, joined
-    assert storage.inserts == []
+    counts = write_flush(storage, flush, clock_ms=lambda: H)
+    assert (counts.hourly, counts.daily, counts.late, counts.dead_letters) == (1, 0, 1, 1)
+    assert counts.refused == 5
+    assert counts.refused_by_reason == {"load.out_of_range": 4, "load.bad_window": 1}
+    by_table = {table.split(".")[1]: columns for table, columns, _ in storage.inserts
+                if table.split(".")[1] != "dead_letters"}
+    assert by_table["hourly_rollups"]["customer"] == ["good"]
+    assert by_table["late_events"]["event_id"] == ["ok"]
+    dead = [columns for table, columns, _ in storage.inserts if table.endswith("dead_letters")]
+    assert [d["stage"] for d in dead] == [["rollup"], ["load"] * 5]
+    assert dead[0]["position"] == [3]  # the unstorable dead letter is logged, not written
+    refused = dict(zip(dead[1]["reason"], dead[1]["payload"], strict=True))
+    reasons = sorted(refused)
+    assert reasons[0].startswith("load.bad_window: window 'weekly'")
+    assert any("value_nanos 100000000000000000000000000000000000000 outside" in r
+               for r in reasons), reasons
+    assert any("value_nanos must be an int, got float" in r for r in reasons), reasons
+    assert any("events -1 outside" in r for r in reasons), reasons
+    assert any("quantity_nanos must be an int" in r for r in reasons), reasons
+    # the content is kept: the window row as JSON, the late event with its quantity
+    overflow = next(p for r, p in refused.items() if "100000000000000000000000000000000000000" in r)
+    assert b'"value_nanos": "100000000000000000000000000000000000000"' in overflow
+    # a refused window keeps one identity across versions and replays: it collapses
+    again = RecordingStorage()
+    write_flush(again, Flush(rollups=[_rollup(H + HOUR_MS, value_nanos=10**38, version=9)]),
+                clock_ms=lambda: H)
+    position = again.inserts[-1][1]["position"]
+    assert len(position) == 1 and position[0] in dead[1]["position"] and position[0] >= 0
+
+
+def test_write_flush_refuses_an_unknown_dead_letter_stage() -> None:
+    with pytest.raises(SinkConfigError, match="stage"):
+        write_flush(RecordingStorage(), Flush(dead_letters=[_dead()]), stage="rating")
 
 
 # --------------------------------------------------------------------------- query objects
@@ -195,7 +225,7 @@ def test_rollup_usage_query_values_never_reach_the_sql_text() -> None:
 def test_rollup_totals_query_sql() -> None:
     sql, params = RollupTotalsQuery().to_sql()
     assert sql == (
-        "SELECT customer, meter, window_start_ms, sum(value) AS value\n"
+        "SELECT customer, meter, window_start_ms, sum(toDecimal256(value, 9)) AS value\n"
         "FROM meterline.hourly_usage\n"
         "GROUP BY customer, meter, window_start_ms\n"
         "ORDER BY customer, meter, window_start_ms"
@@ -207,9 +237,27 @@ def test_rollup_totals_query_sql() -> None:
     assert params == {"customer": "acme", "meter": "m"}
 
 
-def test_late_and_dead_letter_queries_read_final() -> None:
+def test_late_and_dead_letter_queries_dedupe() -> None:
     sql, params = LateEventsQuery(meter="m", start_ms=0, end_ms=10).to_sql()
-    assert "FROM meterline.late_events FINAL\n" in sql
+    assert sql == (
+        "SELECT customer, meter, count() AS events,\n"
+            "    sum(toDecimal256(quantity, 9)) AS quantity\n"
+        "FROM (\n"
+        "    SELECT customer, meter, first.1 AS quantity, first.2 AS window_start_ms\n"
+        "    FROM (\n"
+        "        SELECT customer, meter, event_id,\n"
+        "            argMin((quantity, window_start_ms),\n"
+        "                   (source_partition, source_offset, position)) AS first\n"
+        "        FROM meterline.late_events\n"
+        "        GROUP BY customer, meter, event_id\n"
+        "    )\n"
+        ")\n"
+        "WHERE meter = {meter:String}\n"
+        "  AND window_start_ms >= {start_ms:Int64}\n"
+        "  AND window_start_ms < {end_ms:Int64}\n"
+        "GROUP BY customer, meter\n"
+        "ORDER BY customer, meter"
+    )
     assert params == {"meter": "m", "start_ms": 0, "end_ms": 10}
     sql, params = DeadLetterCountsQuery(stage="raw", database="b").to_sql()
     assert "FROM b.dead_letters FINAL\nWHERE stage = {stage:String}\n" in sql

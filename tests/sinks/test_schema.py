@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from meterline.sinks import anomaly_ddl, billing_tables
 from meterline.sinks.exceptions import SinkConfigError, SinkError
 from meterline.sinks.schema import (
     DAILY_ROLLUPS,
@@ -41,13 +42,18 @@ CREATE TABLE IF NOT EXISTS meterline.raw_events
     event_time DateTime64(3, 'UTC') ALIAS fromUnixTimestamp64Milli(timestamp_ms, 'UTC'),
     dimensions Map(String, String),
     source LowCardinality(String) COMMENT 'topic or ingest endpoint',
-    ingested_at_ms Int64 COMMENT 'write time, UTC ms; last delivery wins'
+    ingested_at_ms Int64 COMMENT 'write time, UTC ms',
+    source_partition Int32 COMMENT 'Kafka partition of the delivery',
+    source_offset Int64 COMMENT 'Kafka offset of the delivery',
+    position Int32 COMMENT 'event index in the batch'
 )
 ENGINE = ReplacingMergeTree(ingested_at_ms)
 PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(timestamp_ms, 'UTC'))
-ORDER BY (customer, meter, timestamp_ms, event_id)
-TTL toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35)
-COMMENT 'Validated usage events; read through raw_events_deduplicated'"""
+PRIMARY KEY (customer, meter, timestamp_ms, event_id)
+ORDER BY (customer, meter, timestamp_ms, event_id, source_partition, source_offset, position)
+TTL least(toDateTime(intDiv(timestamp_ms, 1000)), toDateTime(4294967295) - toIntervalDay(35)) \
++ toIntervalDay(35)
+COMMENT 'Validated usage events, one row per delivery; read through raw_events_deduplicated'"""
 
 DEAD_LETTERS_DDL = """\
 CREATE TABLE IF NOT EXISTS meterline.dead_letters
@@ -57,7 +63,7 @@ CREATE TABLE IF NOT EXISTS meterline.dead_letters
     source_partition Int32 COMMENT 'Kafka partition, -1 if none',
     source_offset Int64 COMMENT 'Kafka offset, -1 if none',
     position Int32 COMMENT 'event index in the batch, -1 = whole record',
-    stage LowCardinality(String) COMMENT 'raw | rollup: who rejected it',
+    stage LowCardinality(String) COMMENT 'raw | rollup | load: who rejected it',
     batch_id String,
     event_id String COMMENT 'empty for a whole record',
     reason String,
@@ -65,7 +71,8 @@ CREATE TABLE IF NOT EXISTS meterline.dead_letters
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (source, source_partition, source_offset, position, stage)
-TTL toDateTime(intDiv(received_at_ms, 1000)) + toIntervalDay(7)
+TTL least(toDateTime(intDiv(received_at_ms, 1000)), \
+toDateTime(4294967295) - toIntervalDay(7)) + toIntervalDay(7)
 COMMENT 'Records and events the pipeline could not accept, with the reason; read FINAL'"""
 
 HOURLY_ROLLUPS_DDL = """\
@@ -89,11 +96,14 @@ CREATE TABLE IF NOT EXISTS meterline.hourly_rollups
 ENGINE = ReplacingMergeTree(version)
 PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))
 ORDER BY (customer, meter, window_start_ms, group_key, source, source_partition)
-TTL toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(400) \
+TTL least(toDateTime(intDiv(window_start_ms, 1000)), \
+toDateTime(4294967295) - toIntervalDay(400)) + toIntervalDay(400) \
 DELETE WHERE meter NOT IN ('active_users', 'storage_gb'),
-    toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(500) \
+    least(toDateTime(intDiv(window_start_ms, 1000)), \
+toDateTime(4294967295) - toIntervalDay(500)) + toIntervalDay(500) \
 DELETE WHERE meter = 'active_users',
-    toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(450) \
+    least(toDateTime(intDiv(window_start_ms, 1000)), \
+toDateTime(4294967295) - toIntervalDay(450)) + toIntervalDay(450) \
 DELETE WHERE meter = 'storage_gb'
 COMMENT 'hourly totals per source partition; read through hourly_usage'"""
 
@@ -118,7 +128,8 @@ CREATE TABLE IF NOT EXISTS meterline.late_events
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))
 ORDER BY (customer, meter, window_start_ms, event_id)
-TTL toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(400)
+TTL least(toDateTime(intDiv(window_start_ms, 1000)), \
+toDateTime(4294967295) - toIntervalDay(400)) + toIntervalDay(400)
 COMMENT 'Events that arrived after their window closed: in no rollup; read FINAL'"""
 
 HOURLY_USAGE_SQL = """\
@@ -160,7 +171,8 @@ def test_daily_rollups_have_the_hourly_columns_and_yearly_partitions() -> None:
     assert DAILY_ROLLUPS.order_by == HOURLY_ROLLUPS.order_by
     sql = DAILY_ROLLUPS.create_sql("meterline", RetentionPolicy())
     assert "PARTITION BY toYear(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))" in sql
-    assert "TTL toDateTime(intDiv(window_start_ms, 1000)) + toIntervalDay(2557)\n" in sql
+    assert ("TTL least(toDateTime(intDiv(window_start_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(2557)) + toIntervalDay(2557)\n") in sql
 
 
 def test_rollup_sorting_key_keeps_source_partitions_apart() -> None:
@@ -185,9 +197,11 @@ def test_per_meter_ttl_rules_cover_every_row_once() -> None:
                                      "llm_tokens": {"hourly_rollups_days": 999}})
     assert RAW_EVENTS.ttl is not None
     assert RAW_EVENTS.ttl.expression(policy) == (
-        "toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35) "
+        "least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(35)) + toIntervalDay(35) "
         "DELETE WHERE meter NOT IN ('storage_gb'),\n"
-        "    toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(90) "
+        "    least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(90)) + toIntervalDay(90) "
         "DELETE WHERE meter = 'storage_gb'"
     )
     # other tables keep their single rule when no override names their field
@@ -210,7 +224,8 @@ def test_modify_ttl_sql() -> None:
     sql = RAW_EVENTS.modify_ttl_sql("billing", RetentionPolicy(raw_events_days=10))
     assert sql == (
         "ALTER TABLE billing.raw_events MODIFY TTL "
-        "toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(10)"
+        "least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(10)) + toIntervalDay(10)"
     )
 
 
@@ -219,13 +234,43 @@ def test_modify_ttl_without_ttl_is_an_error() -> None:
         SCHEMA_META.modify_ttl_sql("meterline", RetentionPolicy())
 
 
-def test_deduplicated_view_sql_hides_final() -> None:
+def test_deduplicated_view_keeps_the_first_delivery_per_customer_meter_and_id() -> None:
     assert RAW_EVENTS_DEDUPLICATED.create_sql("meterline") == (
         "CREATE OR REPLACE VIEW meterline.raw_events_deduplicated AS\n"
-        "SELECT event_id, batch_id, customer, meter, quantity, timestamp_ms, event_time, "
-        "dimensions, source, ingested_at_ms\n"
-        "FROM meterline.raw_events FINAL"
+        "SELECT event_id, first.1 AS batch_id, customer, meter, first.2 AS quantity,\n"
+        "    first.3 AS timestamp_ms, fromUnixTimestamp64Milli(first.3, 'UTC') AS event_time,\n"
+        "    first.4 AS dimensions, first.5 AS source, first.6 AS ingested_at_ms,\n"
+        "    first.7 AS source_partition, first.8 AS source_offset, first.9 AS position,\n"
+        "    deliveries\n"
+        "FROM (\n"
+        "    SELECT customer, meter, event_id,\n"
+        "        argMin((batch_id, quantity, timestamp_ms, dimensions, source, ingested_at_ms, "
+        "source_partition, source_offset, position),\n"
+        "               (source_partition, source_offset, position)) AS first,\n"
+        "        count() AS deliveries\n"
+        "    FROM meterline.raw_events\n"
+        "    GROUP BY customer, meter, event_id\n"
+        ")"
     )
+
+
+def test_added_columns_become_one_alter_that_extends_the_sorting_key() -> None:
+    assert RAW_EVENTS.add_columns_sql("meterline") == (
+        "ALTER TABLE meterline.raw_events\n"
+        "    ADD COLUMN source_partition Int32 COMMENT 'Kafka partition of the delivery',\n"
+        "    ADD COLUMN source_offset Int64 COMMENT 'Kafka offset of the delivery',\n"
+        "    ADD COLUMN position Int32 COMMENT 'event index in the batch',\n"
+        "    MODIFY ORDER BY (customer, meter, timestamp_ms, event_id, source_partition, "
+        "source_offset, position)"
+    )
+    old = frozenset(c.name for c in RAW_EVENTS.columns) - set(RAW_EVENTS.added_columns)
+    state = SchemaState(existing_tables=frozenset(t.name for t in TABLES),
+                        columns={"raw_events": old})
+    assert RAW_EVENTS.add_columns_sql("meterline") in plan_migration(
+        "meterline", RetentionPolicy(), state).statements
+    state = dataclasses.replace(state, columns={"raw_events": old | set(RAW_EVENTS.added_columns)})
+    assert RAW_EVENTS.add_columns_sql("meterline") not in plan_migration(
+        "meterline", RetentionPolicy(), state).statements
 
 
 def test_bootstrap_sql() -> None:
@@ -384,16 +429,23 @@ def test_plan_on_an_empty_database_creates_everything() -> None:
         HOURLY_ROLLUPS.create_sql("meterline", RetentionPolicy()),
         DAILY_ROLLUPS.create_sql("meterline", RetentionPolicy()),
         LATE_EVENTS.create_sql("meterline", RetentionPolicy()),
+        *(t.create_sql("meterline", RetentionPolicy()) for t in billing_tables.tables()),
+        *(t.create_sql("meterline", RetentionPolicy()) for t in anomaly_ddl.tables()),
         RAW_EVENTS_DEDUPLICATED.create_sql("meterline"),
         HOURLY_USAGE.create_sql("meterline"),
         DAILY_USAGE.create_sql("meterline"),
+        *(v.create_sql("meterline") for v in billing_tables.views()),
+        *(v.create_sql("meterline") for v in anomaly_ddl.views()),
     )
+    assert [t.name for t in billing_tables.tables()] == ["billing_events", "rated_usage"]
+    assert [t.name for t in anomaly_ddl.tables()] == ["anomalies"]
     # the full TTL text is recorded, so a per-meter rule change is noticed too
     assert plan.meta_updates["ttl.raw_events"] == (
-        "toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35)")
+        "least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(35)) + toIntervalDay(35)")
     assert plan.meta_updates["ttl.dead_letters"].endswith("toIntervalDay(90)")
     assert plan.meta_updates["ttl.late_events"].endswith("toIntervalDay(400)")
-    assert plan.meta_updates["schema_version"] == "2"
+    assert plan.meta_updates["schema_version"] == "4"
     for view in ("raw_events_deduplicated", "hourly_usage", "daily_usage"):
         assert f"view_sha256.{view}" in plan.meta_updates
 
@@ -411,7 +463,8 @@ def test_plan_alters_only_the_ttl_that_changed() -> None:
         DEAD_LETTERS.modify_ttl_sql("meterline", RetentionPolicy(dead_letters_days=30)),
     )
     assert plan.meta_updates == {
-        "ttl.dead_letters": "toDateTime(intDiv(received_at_ms, 1000)) + toIntervalDay(30)"
+        "ttl.dead_letters": "least(toDateTime(intDiv(received_at_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(30)) + toIntervalDay(30)"
     }
 
 
@@ -464,12 +517,12 @@ def _create_table_query(storage: Any, table: str) -> str:
 
 def test_migrate_creates_tables_and_is_idempotent(chdb_storage: Any) -> None:
     first = migrate(chdb_storage)
-    assert len(first.statements) == 8
+    assert len(first.statements) == len(TABLES) + len(VIEWS) == 13  # 8 tables, 5 views
     state = read_schema_state(chdb_storage, chdb_storage.database)
     assert {t.name for t in TABLES} | {v.name for v in VIEWS} | {"schema_meta"} <= set(
         state.existing_tables
     )
-    assert state.meta["schema_version"] == "2"
+    assert state.meta["schema_version"] == "4"
     second = migrate(chdb_storage)
     assert second.empty
 
@@ -485,7 +538,8 @@ def test_migrate_with_new_retention_alters_ttl_in_place(chdb_storage: Any) -> No
     )
     assert "toIntervalDay(10)" in _create_table_query(chdb_storage, "raw_events")
     show = chdb_storage.query_rows(f"SHOW CREATE TABLE {chdb_storage.database}.raw_events")
-    assert "TTL toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(10)" in show[0][0]
+    assert ("TTL least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(10)) + toIntervalDay(10)") in show[0][0]
     assert "toIntervalDay(90)" in _create_table_query(chdb_storage, "dead_letters")
 
     # the recorded state now matches; going back to 35 days alters again
@@ -505,14 +559,22 @@ def test_migrate_validates_retention_before_touching_storage(chdb_storage: Any) 
     assert rows == [(0,)]
 
 
+# Billing records: the plan/subscription event log is the state (replayed), and rated lines
+# are what invoices were built from; finance keeps both for years, not a retention window.
+KEPT_FOREVER = frozenset({"billing_events", "rated_usage"})
+
+
 def test_every_table_with_retention_has_its_ttl(chdb_storage: Any) -> None:
     policy = RetentionPolicy(raw_events_days=20, dead_letters_days=21, late_events_days=22,
                              hourly_rollups_days=23, daily_rollups_days=24)
     migrate(chdb_storage, retention=policy)
     for table in TABLES:
+        if table.name in KEPT_FOREVER:
+            assert table.ttl is None, table.name
+            continue
         assert table.ttl is not None, table.name
-        days = policy.days_for(table.ttl.retention_field)
-        assert f"TTL {table.ttl.age_expression} + toIntervalDay({days})" in (
+        # ClickHouse stores the TTL as we wrote it (the saturating form included).
+        assert f"TTL {table.ttl.expression(policy)}" in (
             _create_table_query(chdb_storage, table.name)), table.name
 
 
@@ -527,9 +589,11 @@ def test_migrate_applies_and_changes_per_meter_ttl_in_place(chdb_storage: Any) -
     )
     raw = _create_table_query(chdb_storage, "raw_events")
     # ClickHouse prints "DELETE WHERE" as "WHERE"
-    assert ("toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35) "
+    assert ("least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(35)) + toIntervalDay(35) "
             "WHERE meter NOT IN ('storage_gb')") in raw
-    assert ("toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(90) "
+    assert ("least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(90)) + toIntervalDay(90) "
             "WHERE meter = 'storage_gb'") in raw
     assert "toIntervalDay(450) WHERE meter = 'storage_gb'" in (
         _create_table_query(chdb_storage, "hourly_rollups"))
@@ -545,7 +609,8 @@ def test_migrate_applies_and_changes_per_meter_ttl_in_place(chdb_storage: Any) -
         _create_table_query(chdb_storage, "raw_events"))
     migrate(chdb_storage, clock_ms=lambda: 1)
     raw = _create_table_query(chdb_storage, "raw_events")
-    assert "TTL toDateTime(intDiv(timestamp_ms, 1000)) + toIntervalDay(35) SETTINGS" in raw
+    assert ("TTL least(toDateTime(intDiv(timestamp_ms, 1000)), "
+            "toDateTime(4294967295) - toIntervalDay(35)) + toIntervalDay(35) SETTINGS") in raw
     assert migrate(chdb_storage).empty
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from meterline.sinks.exceptions import QueryError, StorageOpenError
 from meterline.sinks.raw_events import UsageQuery, UsageSummaryQuery, insert_raw_events
-from meterline.sinks.schema import migrate
+from meterline.sinks.schema import TABLES, VIEWS, migrate
 from meterline.sinks.server_backend import ServerStorage, client_kwargs_from_url
 from meterline.sinks.storage import Storage
 
@@ -99,10 +99,11 @@ def test_insert_raw_events_is_one_column_oriented_native_insert(make_raw_events:
         "database": "db1",
         "data": list(rows.as_columns().values()),
         "column_names": ["event_id", "batch_id", "customer", "meter", "quantity_nano",
-                         "timestamp_ms", "dimensions", "source", "ingested_at_ms"],
+                         "timestamp_ms", "dimensions", "source", "ingested_at_ms",
+                         "source_partition", "source_offset", "position"],
         "column_type_names": ["String", "String", "String", "LowCardinality(String)", "Int128",
                               "Int64", "Map(String, String)", "LowCardinality(String)",
-                              "Int64"],
+                              "Int64", "Int32", "Int64", "Int32"],
         "column_oriented": True,
         "settings": {"optimize_on_insert": 0},
     }
@@ -135,7 +136,8 @@ def test_migrate_issues_the_same_sql_as_chdb(chdb_storage: Any) -> None:
     client = FakeClient()
     migrate(ServerStorage(client, chdb_storage.database), clock_ms=lambda: 1)
     assert client.commands() == recording.executed
-    assert len(recording.executed) == 10  # database, schema_meta, 5 tables, 3 views
+    # database, schema_meta, then every table and view
+    assert len(recording.executed) == 2 + len(TABLES) + len(VIEWS)
     [insert] = [kwargs for method, _, kwargs in client.calls if method == "insert"]
     assert (insert["database"], insert["table"]) == (chdb_storage.database, "schema_meta")
 
@@ -225,7 +227,7 @@ def test_server_storage_round_trip_matches_chdb_storage(
 ) -> None:
     storage = server_over_chdb
     db = storage.database
-    assert len(migrate(storage).statements) == 8  # 5 tables, 3 views
+    assert len(migrate(storage).statements) == len(TABLES) + len(VIEWS)
     assert migrate(storage).empty
     rows = make_raw_events(
         4,

@@ -89,6 +89,21 @@ class AnomalyEngine:
             events += self._series[key].advance(through_window_start_ms)
         return events
 
+    def existing(self, series: SeriesKey) -> SeriesDetector | None:
+        """The series' detector if it has one already (never creates one)."""
+        return self._series.get(series)
+
+    def open_counts(self) -> dict[tuple[str, str, str], int]:
+        """Open episodes by ``(meter, direction, severity)``: what the stage exports as a
+        low-cardinality gauge (no customer)."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for key, detector in self._series.items():
+            found = detector.open_episode
+            if found is not None:
+                label = (key.meter, found[0], found[1])
+                counts[label] = counts.get(label, 0) + 1
+        return counts
+
     def forget(self, series: SeriesKey | tuple[Any, ...]) -> bool:
         """Drop a series' state (a deleted customer). True if it was there."""
         return self._series.pop(SeriesKey.of(series), None) is not None

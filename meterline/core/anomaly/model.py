@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 __all__ = [
+    "EARLY",
+    "EVENT_KINDS",
     "SEVERITIES",
     "Anomaly",
     "EpisodeEvent",
@@ -19,6 +21,8 @@ __all__ = [
 
 # Ordered: an episode's UPDATE fires when its severity climbs this list.
 SEVERITIES = ("minor", "major", "critical")
+EARLY = "early"  # EpisodeEvent.kind of an early warning (see EpisodeEvent)
+EVENT_KINDS = ("open", "update", "resolve", EARLY)
 
 
 class SeriesKey(NamedTuple):
@@ -117,6 +121,11 @@ class EpisodeEvent:
 
     ``key`` is the idempotency key, ``<series id>|<since_ms>|<seq>``: replaying the same
     input produces the same keys, so a sink that upserts on it never shows an alert twice.
+
+    The anomaly stage also emits ``kind="early"`` (``seq`` -1): a window that is not final
+    yet already holds more than the whole window should. It is outside the episode's
+    sequence (the episode opens, or not, when the window is final) and keyed
+    ``<series id>|<window_start_ms>|early``: at most one per series and window.
     """
 
     kind: str
@@ -130,6 +139,8 @@ class EpisodeEvent:
 
     @property
     def key(self) -> str:
+        if self.kind == EARLY:
+            return f"{self.series.id}|{self.since_ms}|early"
         return f"{self.series.id}|{self.since_ms}|{self.seq}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -134,6 +134,29 @@ class SeriesDetector:
                 anomaly, verdict[7], window_start_ms + self.interval_ms)
         return Step(anomalies, events)
 
+    def peek_partial(self, window_start_ms: int, value_so_far: float) -> Anomaly | None:
+        """Would ``value_so_far`` already be abnormal for the window at ``window_start_ms``
+        (a window later than the last one fed; earlier windows may still be unfed)?
+        Changes nothing: no gap is filled, no episode opens, nothing is learned. The
+        anomaly stage uses it for early warnings on windows whose total is not final yet,
+        so its episodes stay exactly what the final totals give. ``None`` when not
+        abnormal, not past the warm-up, or not a later window."""
+        self._check_grid(window_start_ms)
+        if self.last_ms is None or window_start_ms <= self.last_ms:
+            return None
+        verdict = self._detector.partial(window_start_ms, _value(value_so_far))
+        if verdict is None:
+            return None
+        return self._anomaly(window_start_ms, verdict, 1.0)
+
+    @property
+    def open_episode(self) -> tuple[str, str, int] | None:
+        """``(direction, severity reported so far, since_ms)`` of the open episode."""
+        tracker = self._tracker
+        if not tracker.is_open:
+            return None
+        return tracker.direction, SEVERITIES[tracker.reported_rank], tracker.since_ms
+
     def advance(self, through_window_start_ms: int) -> list[EpisodeEvent]:
         """The window at ``through_window_start_ms`` is complete and this series had no
         event up to and including it: feed zeros through it (no-op if already fed)."""

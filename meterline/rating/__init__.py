@@ -5,8 +5,10 @@
     price = load_price('model = "per_unit"\\ncurrency = "USD"\\nunit_amount = "0.00042"')
     charge(price, 1_000_000)  # Decimal('420.00')
 
-Everything here is re-exported from ``meterline.core.pricing`` (pure, stdlib only); see
-docs/rating.md for the formats and the rounding rule.
+The price models are re-exported from ``meterline.core.pricing`` (pure, stdlib only);
+see docs/rating.md for the formats and the rounding rule. Plans and subscriptions are in
+``meterline.core.billing``; the rating stage that reads rollups and writes ``rated_usage``
+(``rate``, ``simulate``, ``reconcile``, ``explain``) is ``meterline.rating.stage``.
 """
 
 from __future__ import annotations

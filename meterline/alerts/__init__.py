@@ -1,0 +1,1 @@
+"""Alerting on anomaly events: the signed webhook (``meterline.alerts.webhook``)."""

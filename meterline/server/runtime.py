@@ -1,0 +1,286 @@
+"""``meterline serve``: the composition root of the server.
+
+Embedded (``[server] pipeline = "embedded"``, the default): ONE process runs the whole
+single-machine pipeline, because chDB allows one process per data directory:
+
+    HTTP ingest -> local log (SQLite) -> raw-events stage (thread)  -> chDB raw_events
+                                      -> rollup stage (thread)      -> chDB rollups
+    HTTP reads  <- chDB hourly_usage / daily_usage
+
+The stages are the existing ones (``RawEventLoader``, ``EmbeddedRollups``) with the same
+consumer names and checkpoint file as ``meterline demo`` / ``meterline rollup-local``, so
+the log can be handed between them. They share the process's one chDB engine through a
+lock (``LockedStorage``); the rollup writer bumps a generation after every write so quota
+totals cached before it are not served again.
+
+Kafka (``pipeline = "kafka"``): the HTTP front only. Events go to the usage topic with
+acks=all; the stages run as today's separate workers; reads go to the configured storage
+(a ClickHouse server: chDB could not be shared with the loaders' processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meterline.server.app import AsgiAdapter, Limits, ServerApp
+from meterline.server.keys import KeyStore
+from meterline.server.openapi import document
+from meterline.server.settings import ServerSettings
+from meterline.server.usage import (
+    ConfigLimits,
+    Generation,
+    QuotaService,
+    RollupGeneration,
+    TimeGeneration,
+    UsageReader,
+)
+from meterline.server.writers import EventWriter, KafkaWriter, LocalLogWriter
+
+log = logging.getLogger(__name__)
+
+RAW_CONSUMER = "raw-events"  # as meterline demo: the log can move between them
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("meterline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+class LockedStorage:
+    """A Storage whose calls are serialised: the embedded chDB engine is shared by the
+    raw stage, the rollup stage and the read API of one process."""
+
+    def __init__(self, storage: Any, lock: threading.RLock) -> None:
+        self._storage = storage
+        self._lock = lock
+
+    @property
+    def database(self) -> str:
+        return str(self._storage.database)
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            self._storage.execute(sql, params)
+
+    def query_rows(self, sql: str, params: Mapping[str, Any] | None = None
+                   ) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._storage.query_rows(sql, params))
+
+    def insert_columns(self, table: str, columns: Mapping[str, Sequence[Any]],
+                       column_types: Mapping[str, str],
+                       settings: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            self._storage.insert_columns(table, columns, column_types, settings)
+
+    def close(self) -> None:
+        with self._lock:
+            self._storage.close()
+
+
+class GenerationWriter:
+    """An OutputWriter that bumps ``generation`` once a flush is written."""
+
+    def __init__(self, inner: Any, generation: RollupGeneration) -> None:
+        self._inner = inner
+        self._generation = generation
+
+    def write(self, flush: Any) -> None:
+        self._inner.write(flush)
+        self._generation.bump()
+
+
+@dataclass
+class _Stage:
+    name: str
+    thread: threading.Thread | None = None
+    error: str | None = None
+
+
+@dataclass
+class EmbeddedPipeline:
+    """The raw and rollup stages over the local log, in threads of this process."""
+
+    log: Any
+    storage: LockedStorage
+    registry: Any
+    config: Any
+    generation: RollupGeneration = field(default_factory=RollupGeneration)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    stages: dict[str, _Stage] = field(default_factory=dict)
+
+    def start(self) -> None:
+        for name, target in (("raw", self._run_raw), ("rollups", self._run_rollups)):
+            stage = self.stages[name] = _Stage(name)
+            stage.thread = threading.Thread(target=self._guard, args=(stage, target),
+                                            name=f"meterline-{name}", daemon=True)
+            stage.thread.start()
+
+    def _guard(self, stage: _Stage, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as exc:  # reported by /healthz and the log; ingest goes on:
+            stage.error = f"{type(exc).__name__}: {exc}"  # the log keeps every event
+            log.exception("the %s stage stopped; restart the server to resume it", stage.name)
+
+    def _run_raw(self) -> None:
+        from meterline.ingest.raw_loader import RawEventLoader
+        from meterline.ingest.sources import LocalLogRecordSource
+
+        loader = RawEventLoader(self.storage, LocalLogRecordSource(self.log, RAW_CONSUMER),
+                                max_records=64)
+        while not self.stop_event.is_set():
+            if not loader.run_once().records:
+                self.stop_event.wait(0.05)
+
+    def _run_rollups(self) -> None:
+        from meterline.aggregators.checkpoints import SqliteCheckpointStore
+        from meterline.aggregators.embedded import EmbeddedRollups, default_checkpoint_path
+        from meterline.aggregators.outputs_io import StorageWriter
+        from meterline.aggregators.processor import RollupSettings
+
+        r = self.config.rollups
+        checkpoint = default_checkpoint_path(self.log.path)
+        store = SqliteCheckpointStore(checkpoint)
+        try:
+            writer = GenerationWriter(StorageWriter(self.storage, database=self.storage.database),
+                                      self.generation)
+            runner = EmbeddedRollups(
+                self.log, writer, store, self.registry,
+                settings=RollupSettings(r.allowed_lateness_ms, r.watermark_delay_ms,
+                                        r.dedupe_horizon_ms),
+                flush_interval_s=r.flush_interval_s,
+                checkpoint_interval_s=r.checkpoint_interval_s,
+                id_store_dir=checkpoint.with_name(checkpoint.name + ".ids"))
+            runner.run(stop=self.stop_event.is_set)
+        finally:
+            store.close()
+
+    def health(self) -> dict[str, str]:
+        out = {}
+        for name, stage in self.stages.items():
+            alive = stage.thread is not None and stage.thread.is_alive()
+            out[name] = "running" if alive else f"stopped: {stage.error or 'by request'}"
+        return out
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for stage in self.stages.values():
+            if stage.thread is not None:
+                stage.thread.join(timeout=60)
+
+
+@dataclass
+class Server:
+    """Everything ``serve`` opened, to be closed in reverse order."""
+
+    asgi: AsgiAdapter
+    app: ServerApp
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        if not self.closers:
+            return
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception:  # keep closing the rest: each one releases something
+                log.exception("error while shutting down")
+        self.closers.clear()
+        print("meterline serve: stopped (stages checkpointed, log and storage closed)",
+              flush=True)
+
+
+def build(config: Any, settings: ServerSettings) -> Server:
+    """Open storage, keys, the writer and (embedded) the stages; nothing listens yet."""
+    from meterline.sinks.schema import migrate
+    from meterline.sinks.storage import open_storage
+
+    registry = config.registry()
+    closers: list[Callable[[], None]] = []
+    try:
+        keys = KeyStore(settings.keys_file)
+        closers.append(keys.close)
+        storage = open_storage(config.storage_config())
+        closers.append(storage.close)
+        migrate(storage, storage.database, config.retention_policy())
+        locked = LockedStorage(storage, threading.RLock())
+        writer: EventWriter
+        generation: Generation
+        health: Callable[[], dict[str, str]]
+        if settings.pipeline == "embedded":
+            from meterline.ingest.local_log import LocalLog
+
+            local_log = LocalLog(settings.local_log, fsync=settings.local_log_fsync)
+            closers.append(local_log.close)
+            pipeline = EmbeddedPipeline(local_log, locked, registry, config)
+            pipeline.start()
+            closers.append(pipeline.stop)
+            writer = LocalLogWriter(local_log, max_pending_events=settings.max_pending_events)
+            generation = pipeline.generation
+            health = pipeline.health
+        else:
+            from meterline.sdk.transport import KafkaTransport
+
+            transport = KafkaTransport(config.kafka.bootstrap_servers,
+                                       delivery_timeout_ms=10_000)
+            writer = KafkaWriter(transport, config.kafka.topic,
+                                 max_pending_events=settings.max_pending_events)
+            generation = TimeGeneration(config.rollups.flush_interval_s)
+
+            def health() -> dict[str, str]:
+                return {"ingest": f"kafka topic {config.kafka.topic}"}
+        closers.append(writer.close)
+        reader = UsageReader(locked, registry, database=storage.database)
+        quotas = QuotaService(reader, ConfigLimits(settings.quotas), generation)
+        app = ServerApp(registry=registry, keys=keys, writer=writer, reader=reader,
+                        quotas=quotas, openapi=document(registry, version()),
+                        limits=Limits(settings.max_body_bytes, settings.max_events_per_request),
+                        health=health)
+    except BaseException:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:
+                log.exception("error while cleaning up a failed start")
+        raise
+    server = Server(AsgiAdapter(app), app, closers)
+    server.asgi = AsgiAdapter(app, on_shutdown=server.close)
+    return server
+
+
+def serve(config: Any, settings: ServerSettings, *,
+          on_listening: Callable[[str], None] | None = None) -> None:
+    """Bind, print where, serve until SIGINT/SIGTERM, then stop the stages cleanly (each
+    checkpoints) and close everything. The closing happens in the ASGI lifespan shutdown:
+    uvicorn re-raises the signal once it has shut down (exit status -15 for SIGTERM), so
+    code after ``run`` is not reached then."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    server = build(config, settings)
+    try:
+        host, port = sock.getsockname()[:2]
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        if on_listening is not None:
+            on_listening(url)
+        uv = uvicorn.Server(uvicorn.Config(server.asgi, loop="uvloop", http="httptools",
+                                           lifespan="on", log_level="warning",
+                                           access_log=False, timeout_keep_alive=30))
+        uv.run(sockets=[sock])
+    finally:
+        server.close()
+        sock.close()

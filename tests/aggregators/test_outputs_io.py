@@ -1,0 +1,110 @@
+"""The output loader (``meterline load-rollups``): forward-compatible decoding, and nothing
+it cannot read or store is skipped or retried forever (issue 8, item 5)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from meterline.aggregators.outputs_io import OutputLoader, decode_outputs
+from meterline.core.outputs import LateRecord, RollupRecord
+from meterline.ingest.sources import SourceRecord
+from meterline.sinks.rollups import LateEventsQuery, RollupTotalsQuery
+
+HOUR_MS = 3_600_000
+
+
+class ListSource:
+    def __init__(self, records: list[SourceRecord]) -> None:
+        self.pending = list(records)
+        self.committed: list[SourceRecord] = []
+
+    def poll_records(self, max_records: int, timeout_s: float) -> list[SourceRecord]:
+        out, self.pending = self.pending[:max_records], self.pending[max_records:]
+        return out
+
+    def commit(self, records: Sequence[SourceRecord]) -> None:
+        self.committed += list(records)
+
+    def close(self) -> None:
+        pass
+
+
+def _now_hour() -> int:
+    now = time.time_ns() // 1_000_000
+    return now - now % HOUR_MS - HOUR_MS
+
+
+def _rollup(start: int, customer: str = "acme", **extra: Any) -> dict[str, Any]:
+    doc = RollupRecord("hourly", customer, "llm_tokens", (("model", "s"),), start,
+                       start + HOUR_MS, "sum", 7 * 10**9, 2, 2, "usage", 0).to_dict()
+    doc.update(extra)
+    return doc
+
+
+def _record(offset: int, doc: Any, topic: str = "usage.rollups") -> SourceRecord:
+    payload = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return SourceRecord(topic, 0, offset, payload, time.time_ns() // 1_000_000)
+
+
+def test_records_from_a_newer_writer_with_extra_fields_load() -> None:
+    """Old code: ``cls(**d)`` raised TypeError on an unknown key and the loader committed
+    past the record - a rolling upgrade that adds a field lost rollup rows."""
+    start = _now_hour()
+    late = LateRecord("usage", 0, 4, 1, "e1", "acme", "llm_tokens", (), 5, start + 1, start,
+                      start + 9).to_dict()
+    flush, undecodable = decode_outputs([
+        _record(0, {"rollups": [_rollup(start, restated=True, v2_field={"x": 1})],
+                    "future_kind": [{"a": 1}]}),
+        _record(1, {"late": [{**late, "correction_of": None}]}),
+    ])
+    assert undecodable == []
+    assert [r.customer for r in flush.rollups] == ["acme"]
+    assert flush.rollups[0].value_nanos == 7 * 10**9
+    assert [r.event_id for r in flush.late] == ["e1"]
+
+
+def test_undecodable_records_are_dead_letters_with_their_bytes_and_the_rest_lands(
+        migrated_storage: Any) -> None:
+    start = _now_hour()
+    garbage = b"\xff\xfe not json at all"
+    records = [
+        _record(0, {"rollups": [_rollup(start)]}),
+        _record(1, garbage),
+        _record(2, {"rollups": [_rollup(start, customer="beta"),
+                                {"window": "hourly"},  # missing fields: this item only
+                                _rollup(start, customer="gamma", value_nanos=1.5)]}),
+        _record(3, [1, 2, 3]),
+        _record(4, {"rollups": [_rollup(start + HOUR_MS, value_nanos=str(10**38))]}),
+    ]
+    source = ListSource(records)
+    loader = OutputLoader(migrated_storage, source)
+    assert loader.run_once() == 5
+    assert [r.offset for r in source.committed] == [0, 1, 2, 3, 4]  # the partition moves on
+    db = migrated_storage.database
+    totals = RollupTotalsQuery("hour", database=db).run(migrated_storage)
+    assert totals == {("acme", "llm_tokens", start): 7 * 10**9,
+                      ("beta", "llm_tokens", start): 7 * 10**9}
+    rows = migrated_storage.query_rows(
+        f"SELECT source, source_offset, position, stage, reason, payload "
+        f"FROM {db}.dead_letters FINAL ORDER BY source_offset, position")
+    shown = [(r[1], r[2], r[3], r[4].split(":", 1)[0]) for r in rows]
+    assert shown == [
+        (-1, shown[0][1], "load", "load.out_of_range"),  # the total beyond Decimal(38, 9)
+        (1, -1, "load", "output.undecodable"),
+        (2, 1, "load", "output.undecodable"),
+        (2, 2, "load", "output.undecodable"),
+        (3, -1, "load", "output.undecodable"),
+    ]
+    assert rows[1][5] == garbage, "the exact bytes are kept"
+    assert loader.totals().dead_letters_by_reason == {"output.undecodable": 4,
+                                                      "load.out_of_range": 1}
+    assert LateEventsQuery(database=db).run(migrated_storage) == {}
+    # a replay of the same records changes nothing
+    OutputLoader(migrated_storage, ListSource(records)).run_once()
+    again = migrated_storage.query_rows(f"SELECT count() FROM {db}.dead_letters FINAL")
+    assert again == [(5,)]
+    assert RollupTotalsQuery("hour", database=db).run(migrated_storage) == totals
