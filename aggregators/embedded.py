@@ -42,6 +42,7 @@ from meterline.aggregators.processor import Counters, RollupSettings
 from meterline.aggregators.runner import OutputWriter, RollupWorker, TopicPartition
 from meterline.core.meters import MeterRegistry
 from meterline.ingest.local_log import LocalLog
+from meterline.ingest.metrics import MetricsEndpoint, metrics_endpoint
 from meterline.ingest.sources import LocalLogRecordSource
 from meterline.sinks.retention import RetentionPolicy
 
@@ -224,12 +225,14 @@ def run_embedded_rollups(log: LocalLog, storage: Any, registry: MeterRegistry, *
                          on_step: Callable[[Step], None] | None = None,
                          stop: Callable[[], bool] | None = None,
                          database: str | None = None,
-                         retention: RetentionPolicy | None = None, **options: Any) -> Counters:
+                         retention: RetentionPolicy | None = None,
+                         metrics: MetricsEndpoint | None = None, **options: Any) -> Counters:
     """The embedded rollup stage over ``log`` into ``storage`` (migrated by the caller).
 
     ``retention``: the configured policy (rows past it become dead letters instead of
-    vanishing on insert). ``options`` go to :class:`EmbeddedRollups` (``max_records``,
-    ``flush_interval_s``, ``checkpoint_interval_s``, ...)."""
+    vanishing on insert). ``metrics``: serve /metrics there (the same families as
+    ``meterline worker``, with the local log's consumer lag). ``options`` go to
+    :class:`EmbeddedRollups` (``max_records``, ``flush_interval_s``, ...)."""
     store = SqliteCheckpointStore(checkpoint_path)
     try:
         checkpoint_path = Path(checkpoint_path)
@@ -238,7 +241,16 @@ def run_embedded_rollups(log: LocalLog, storage: Any, registry: MeterRegistry, *
         writer = StorageWriter(storage, database=database, retention=retention)
         runner = EmbeddedRollups(log, writer, store,
                                  registry, group=group, settings=settings, **options)
-        return runner.run(until_idle_s=until_idle_s, stop=stop, on_step=on_step)
+        server = None
+        if metrics is not None:
+            from meterline.aggregators.metrics import serve_metrics
+
+            server, _ = serve_metrics(runner.worker, metrics.port, metrics.addr)
+        try:
+            return runner.run(until_idle_s=until_idle_s, stop=stop, on_step=on_step)
+        finally:
+            if server is not None:
+                server.shutdown()
     finally:
         store.close()
 
@@ -297,7 +309,7 @@ def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | Non
                 local_log, storage, registry,
                 checkpoint_path=checkpoint_path or default_checkpoint_path(log_path),
                 group=group, until_idle_s=until_idle_s, stop=stop, database=storage.database,
-                retention=config.retention_policy())
+                retention=config.retention_policy(), metrics=metrics_endpoint())
     finally:
         local_log.close()
         storage.close()

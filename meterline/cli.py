@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="consumer name: its offsets and checkpoints (default: rollups)")
     rollup.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                         help="stop after this long without new records (default: run forever)")
+    _metrics_options(rollup)
 
     worker = sub.add_parser("worker", help="Kafka usage topic -> hourly/daily rollups (Faust "
                             "worker; outputs go to <topic>.rollups/.dead-letters/.late-events)")

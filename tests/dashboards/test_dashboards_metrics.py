@@ -293,3 +293,53 @@ def test_load_raw_serves_its_metrics(kafka_broker: Any, kafka_topic: Any,
     assert 'meterline_loader_dead_letters_total{loader="raw",reason="envelope.' in text
     assert f'group="raw-{topic}",partition="0",stage="raw",topic="{topic}"}} 0.0' in text
     assert 'meterline_clickhouse_insert_seconds_count{table="dead_letters"} 1.0' in text
+
+
+def test_rollup_local_serves_its_metrics(tmp_path: Path) -> None:
+    """`meterline rollup-local --metrics-port` serves the worker's families and the local
+    log's consumer lag, like `meterline worker` does for Kafka."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from meterline.ingest.local_log import LocalLog, LocalLogTransport
+    from meterline.sdk import Emitter, EmitterConfig
+    from meterline.testing.kafka import free_ports
+
+    log_path = tmp_path / "log.db"
+    log = LocalLog(log_path, partitions=2)
+    config = EmitterConfig(topic="local", bootstrap_servers=None, spool_dir=tmp_path / "spool")
+    with Emitter(config, transport=LocalLogTransport(log)) as emitter:
+        for i in range(300):
+            emitter.emit(f"c{i % 7}", "api_calls", 1)
+        emitter.emit("c1", "no_such_meter", 1)
+        assert emitter.flush(10)
+    log.close()
+    port = free_ports(1)[0]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")},
+           "METERLINE_DATA_DIR": str(tmp_path / "chdb")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meterline.cli", "rollup-local", "--log", str(log_path),
+         "--until-idle", "20", "--metrics-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    seen, wanted = "", ('meterline_rollup_events_total{outcome="accepted"} 300.0',
+                        'meterline_rollup_rejected_events_total{reason="event.unknown_meter"} 1.0',
+                        'meterline_consumer_lag_records{group="rollups",partition="0",'
+                        'stage="rollup",topic="local"} 0.0',
+                        "meterline_rollup_checkpoint_age_seconds")
+    try:
+        # Bounded by the process: it stops by itself 20 s after the log is read.
+        while proc.poll() is None and not all(w in seen for w in wanted):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=5) as resp:
+                    seen = resp.read().decode()  # the last answer, not a refused one
+            except OSError:
+                pass
+            time.sleep(0.3)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    for w in wanted:
+        assert w in seen, (w, out, seen[-3000:])
