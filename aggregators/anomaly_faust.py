@@ -45,6 +45,7 @@ from meterline.core.anomaly.feed import FeedSettings
 from meterline.core.anomaly.model import EpisodeEvent
 from meterline.core.anomaly.settings import AnomalySettings
 from meterline.ingest.sources import SourceRecord
+from meterline.logs import where
 
 __all__ = ["AnomalyAppSettings", "build_app", "ensure_topics", "run_anomalies",
            "run_anomaly_loader"]
@@ -123,8 +124,9 @@ def build_app(settings: AnomalyAppSettings, detector: AnomalySettings, feed: Fee
     streams: list[Any] = []
     topic = app.topic(settings.source_topic, key_serializer="raw", value_serializer="raw")
 
-    def fatal(code: int, message: str, *args: Any) -> None:
-        log.critical(message, *args, exc_info=True)
+    def fatal(code: int, message: str, *args: Any, record: SourceRecord | None = None) -> None:
+        context = {} if record is None else where(record.topic, record.partition, record.offset)
+        log.critical(message, *args, exc_info=True, extra=context)
         logging.shutdown()
         os._exit(code)
 
@@ -184,10 +186,10 @@ def build_app(settings: AnomalyAppSettings, detector: AnomalySettings, feed: Fee
                     return
                 gap = worker.process(record)
         except LogGapError as exc:
-            fatal(78, "%s", exc)
+            fatal(78, "%s", exc, record=record)
         except Exception:
             fatal(70, "unexpected error processing %s[%d]@%d; exiting without flushing",
-                  record.topic, record.partition, record.offset)
+                  record.topic, record.partition, record.offset, record=record)
         if worker.owns(record):
             unacked.setdefault(TopicPartition(record.topic, record.partition),
                                deque()).append(event)

@@ -43,6 +43,7 @@ from meterline.core.anomaly.model import EVENT_KINDS, EpisodeEvent
 from meterline.core.anomaly.settings import AnomalySettings
 from meterline.core.outputs import RollupRecord
 from meterline.ingest.sources import SourceRecord
+from meterline.logs import where
 
 __all__ = ["CHECKPOINT_FORMAT", "AnomalyCounters", "AnomalyPartition", "AnomalyWorker",
            "EventWriter", "MemoryEventWriter", "decode_rollup_rows"]
@@ -138,7 +139,8 @@ class AnomalyPartition:
             # (it stays in the topic at this offset), not a reason to stop detecting.
             self.counters.unreadable_records += 1
             log.error("%s[%d]@%d: unreadable rollups record skipped: %s", record.topic,
-                      record.partition, record.offset, exc)
+                      record.partition, record.offset, exc,
+                      extra=where(record.topic, record.partition, record.offset))
         else:
             c = self.counters
             c.rows += result.rows

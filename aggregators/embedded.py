@@ -44,6 +44,7 @@ from meterline.core.meters import MeterRegistry
 from meterline.ingest.local_log import LocalLog
 from meterline.ingest.metrics import MetricsEndpoint, metrics_endpoint
 from meterline.ingest.sources import LocalLogRecordSource
+from meterline.logs import where
 from meterline.sinks.retention import RetentionPolicy
 
 __all__ = [
@@ -127,7 +128,8 @@ class EmbeddedRollups:
                     # Offsets are committed only after a checkpoint, so the checkpoint
                     # file was lost or replaced: rebuild the state from the beginning.
                     log.warning("%s[%d]: committed offset %d but no checkpoint; replaying "
-                                "from 0", tp.topic, tp.partition, committed)
+                                "from 0", tp.topic, tp.partition, committed,
+                                extra=where(tp.topic, tp.partition, committed))
                 offset = 0
             self.source.seek(tp.partition, offset)
             start[tp.partition] = offset

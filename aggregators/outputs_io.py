@@ -41,6 +41,7 @@ from meterline.core.outputs import (
 )
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
+from meterline.logs import where
 from meterline.sinks.retention import RetentionPolicy
 
 __all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics",
@@ -233,7 +234,8 @@ class OutputLoader:
             self.undecodable["output.undecodable"] = (
                 self.undecodable.get("output.undecodable", 0) + 1)
             log.error("unreadable output record %s[%d]@%d (dead-lettered, stage load): %s",
-                      d.source, d.partition, d.offset, d.reason)
+                      d.source, d.partition, d.offset, d.reason,
+                      extra=where(d.source, d.partition, d.offset))
         if len(flush) or undecodable:
             self._writer.write(flush, undecodable)
         self._source.commit(records)

@@ -75,6 +75,7 @@ from meterline.core.outputs import (
 from meterline.core.rollup import BatchOutcome, Dedupers, Key, RollupState
 from meterline.core.windows import DAY_MS, HOUR_MS
 from meterline.ingest.sources import SourceRecord
+from meterline.logs import where
 
 __all__ = ["CHECKPOINT_FORMAT", "Counters", "PartitionProcessor", "RollupSettings"]
 
@@ -333,7 +334,8 @@ class PartitionProcessor:
         if saved != settings:
             log.warning("%s[%d]: rollup settings changed since the checkpoint (%s -> %s); "
                         "windows closed before %d stay closed", proc.source, proc.partition,
-                        saved, settings, proc.state.closed_before_ms)
+                        saved, settings, proc.state.closed_before_ms,
+                        extra=where(proc.source, proc.partition))
         closed = proc.state.closed_before_ms
         proc.dedupers.close_before(closed)
         if fmt < CHECKPOINT_FORMAT:

@@ -48,6 +48,7 @@ from meterline.core.dedupe import NO_PIN
 from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import Flush
 from meterline.ingest.sources import SourceRecord
+from meterline.logs import where
 
 __all__ = ["Gap", "LogGapError", "LogProbe", "OutputWriter", "PartitionCountChanged",
            "RollupWorker", "TopicPartition"]
@@ -308,7 +309,8 @@ class RollupWorker:
             if committed:
                 log.warning("%s: group %r committed offset %s but there is no checkpoint; "
                             "rebuilding the partition's windows from offset %d", name,
-                            self.group, committed, proc.next_offset)
+                            self.group, committed, proc.next_offset,
+                            extra=where(tp.topic, tp.partition, proc.next_offset))
         log.info("%s: record at %d while expecting %d; seeking back", name, gap.offset,
                  proc.next_offset)
         return proc.next_offset

@@ -28,6 +28,7 @@ from meterline.core.quantity import MAX_NANOS
 from meterline.core.rollup import MAX_FUTURE_SKEW_MS
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
+from meterline.logs import where
 from meterline.sinks.raw_events import (
     DeadLetterColumns,
     RawEventColumns,
@@ -186,7 +187,8 @@ class RawEventLoader:
         rows, dead, counters = build_rows(records, self._clock_ms(), self._retention)
         for reason, n in sorted(counters.by_reason.items()):
             log.warning("raw stage: %d dead letter(s) %s in offsets %d..%d", n, reason,
-                        records[0].offset, records[-1].offset)
+                        records[0].offset, records[-1].offset,
+                        extra=where(records[0].topic, records[0].partition, records[0].offset))
         insert_dead_letters(self._storage, dead)
         insert_raw_events(self._storage, rows)
         self._source.commit(records)

@@ -3,11 +3,13 @@ it cannot read or store is skipped or retried forever (issue 8, item 5)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 
 from meterline.aggregators.outputs_io import OutputLoader, decode_outputs
 from meterline.core.outputs import LateRecord, RollupRecord
@@ -108,3 +110,15 @@ def test_undecodable_records_are_dead_letters_with_their_bytes_and_the_rest_land
     again = migrated_storage.query_rows(f"SELECT count() FROM {db}.dead_letters FINAL")
     assert again == [(5,)]
     assert RollupTotalsQuery("hour", database=db).run(migrated_storage) == totals
+
+
+def test_an_unreadable_record_is_logged_with_where_it_sits(
+        migrated_storage: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The error line carries topic, partition and offset as fields (JSON logs show them
+    as keys), so an operator can fetch the exact record."""
+    caplog.set_level(logging.ERROR, logger="meterline.aggregators.outputs_io")
+    records = [_record(0, {"rollups": [_rollup(_now_hour())]}), _record(1, b"\x00garbage")]
+    OutputLoader(migrated_storage, ListSource(records)).run_once()
+    [line] = [r for r in caplog.records if r.name == "meterline.aggregators.outputs_io"]
+    assert (line.topic, line.partition, line.offset) == (  # type: ignore[attr-defined]
+        records[1].topic, records[1].partition, 1)
