@@ -220,6 +220,7 @@ def _server_commands(sub: Any) -> None:
     serve.add_argument("--kafka", action="store_true",
                        help="HTTP front only: events into the [kafka] topic (acks=all), "
                             "reads from [storage]; the stages run as separate workers")
+    _metrics_options(serve)
     keys = sub.add_parser("keys", help="create, list or revoke API keys",
                           description="API keys are stored hashed in [server] keys_file.")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -44,6 +44,7 @@ __all__ = [
     "QueryContext",
     "Target",
     "Variable",
+    "annotation_targets",
     "expand",
     "load_dashboard",
     "targets",
@@ -140,6 +141,17 @@ def targets(dashboard: Mapping[str, Any]) -> Iterator[Target]:
         for target in panel.get("targets", ()):
             yield Target(int(panel.get("id", 0)), str(panel.get("title", "")),
                          str(panel.get("type", "")), target)
+
+
+def annotation_targets(dashboard: Mapping[str, Any]) -> Iterator[Target]:
+    """The query of every annotation that has one (``annotations.list[].target``), as a
+    :class:`Target` of panel type ``annotation`` titled with the annotation's name: its SQL
+    is expanded and run exactly as a panel's is (Grafana sends it through the same
+    datasource query path, with the dashboard's time range and variables)."""
+    for annotation in (dashboard.get("annotations") or {}).get("list", ()):
+        target = annotation.get("target")
+        if target:
+            yield Target(0, str(annotation.get("name", "")), "annotation", target)
 
 
 # --------------------------------------------------------------------------- argument parsing

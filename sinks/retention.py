@@ -57,7 +57,9 @@ class RetentionPolicy:
     # Not a TTL: how long after its hourly window ended a late event may still arrive and be
     # restated into hourly_usage/daily_usage (docs/rollups.md, "Late usage is restated").
     # 35 days: Stripe accepts usage backdated that far, and a spool replay after a long
-    # outage must land. Baked into the views by migrate.
+    # outage must land. Baked into the views by migrate. Not checked against
+    # late_events_days: a late event already past that retention is a dead letter
+    # (event.outside_retention) at write, visible with its reason either way.
     restatement_horizon_days: int = 35
     meters: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
 
@@ -102,14 +104,6 @@ class RetentionPolicy:
                     if a > b:
                         scope = "" if meter is None else f"meters.{meter}: "
                         errors.append(f"{scope}{finer} ({a}) exceeds {coarser} ({b})")
-                # A restated late event must outlive its arrival: late_events' TTL runs
-                # from the window start, the horizon from the window end.
-                late = self.days_for("late_events_days", meter)
-                if self.restatement_horizon_days >= late:
-                    scope = "" if meter is None else f"meters.{meter}: "
-                    errors.append(f"{scope}restatement_horizon_days "
-                                  f"({self.restatement_horizon_days}) must be below "
-                                  f"late_events_days ({late})")
         if errors:
             raise SinkConfigError("retention policy", errors)
 

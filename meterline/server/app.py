@@ -14,6 +14,8 @@ Routes (docs/server.md has the details, /api/v1/openapi.json the schema):
     GET  /api/v1/quota/{customer}/{meter}
     GET  /api/v1/openapi.json       (no key needed)
     GET  /healthz                   (no key needed)
+
+Prometheus /metrics is served on its own loopback listener, not here (server/metrics.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from meterline.server import problems
 from meterline.server.formats import cloudevents, lago, native
 from meterline.server.formats.common import NeedsExactParse, parse_json, rfc3339_ms
 from meterline.server.keys import KeyStore, Principal
+from meterline.server.metrics import ServerMetrics, route_template
 from meterline.server.problems import PROBLEM_JSON, EventError, Problem
 from meterline.server.tenancy import max_customer_len, scoped_customer
 from meterline.server.usage import (
@@ -87,6 +90,7 @@ class ServerApp:
                  reader: UsageReader | None, quotas: QuotaService | None,
                  openapi: dict[str, Any], limits: Limits | None = None,
                  health: Callable[[], dict[str, str]] | None = None,
+                 metrics: ServerMetrics | None = None,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.registry = registry
         self.validator = Validator(registry)
@@ -98,8 +102,17 @@ class ServerApp:
         self._clock_ms = clock_ms
         self._openapi = orjson.dumps(openapi)
         self._health = health or dict
+        self.metrics = metrics
 
     async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        response = await self._handle(request)
+        if self.metrics is not None:
+            self.metrics.request(route_template(request.raw_path), response.status,
+                                 time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: Request) -> Response:
         try:
             return await self._route(request)
         except Problem as problem:
@@ -172,7 +185,8 @@ class ServerApp:
             return cloudevents.read(doc, self.registry, batch=batch.get(ctype))
 
         drafts, doc = _read_json(request.body, read)
-        now = await self._ingest(drafts, principal)
+        fmt = "lago" if ctype == JSON and lago.is_lago_event(doc) else "cloudevents"
+        now = await self._ingest(drafts, principal, fmt)
         if ctype == JSON and lago.is_lago_event(doc):
             return _json(200, {"event": lago.echo(doc["event"], _draft_time(drafts[0], now))})
         return Response(204)
@@ -182,7 +196,7 @@ class ServerApp:
         if _media_type(request) not in (JSON, ""):
             raise problems.unsupported_media_type(_media_type(request), [JSON])
         drafts, doc = _read_json(request.body, lambda d: lago.read_batch(d, self.registry))
-        now = await self._ingest(drafts, principal)
+        now = await self._ingest(drafts, principal, "lago")
         return _json(200, {"events": [lago.echo(e, _draft_time(d, now))
                                       for e, d in zip(doc["events"], drafts, strict=True)]})
 
@@ -191,23 +205,35 @@ class ServerApp:
         if _media_type(request) not in allowed:
             raise problems.unsupported_media_type(_media_type(request), allowed)
         drafts: list[Draft | EventError] = list(native.read(request.body))
-        await self._ingest(drafts, principal)
+        await self._ingest(drafts, principal, "native")
         return _json(200, {"accepted": len(drafts)})
 
-    async def _ingest(self, drafts: list[Draft | EventError], principal: Principal) -> int:
+    async def _ingest(self, drafts: list[Draft | EventError], principal: Principal,
+                      fmt: str) -> int:
         """Validate every event, then make them all durable, or raise. All or nothing: one
         invalid event rejects the request (a client fixes and resends the whole batch;
         with the same ids, what was already written dedupes)."""
         if len(drafts) > self.limits.max_events_per_request:
+            self._count(fmt, "rejected", len(drafts))
             raise Problem(413, "too-many-events", "Too many events",
                           f"{len(drafts)} events; at most "
                           f"{self.limits.max_events_per_request} per request")
         now = self._clock_ms()
         items, errors = self.validator.items(drafts, principal.tenant, now)
         if errors:
+            self._count(fmt, "rejected", len(drafts))
             raise problems.invalid_events(errors, len(drafts))
-        await self._write(items)
+        try:
+            await self._write(items)
+        except Problem:
+            self._count(fmt, "unavailable", len(drafts))
+            raise
+        self._count(fmt, "accepted", len(drafts))
         return now
+
+    def _count(self, fmt: str, outcome: str, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.events(fmt, outcome, n)
 
     async def _write(self, items: list[Item]) -> None:
         try:
@@ -398,6 +424,7 @@ class AsgiAdapter:
             return
         if kind != "http":
             return
+        started: float | None = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", ())}
         limit = self.app.limits.max_body_bytes
@@ -424,7 +451,13 @@ class AsgiAdapter:
                 request = Request(scope["method"], scope.get("raw_path") or
                                   scope["path"].encode("utf-8"),
                                   scope.get("query_string", b""), headers, b"".join(chunks))
-                response = await self.app.handle(request)
+                response = await self.app.handle(request)  # counts itself in the metrics
+                started = None
+        if started is not None and self.app.metrics is not None:
+            # Refused here (body too large) before handle() saw it: count it the same way.
+            self.app.metrics.request(route_template(scope.get("raw_path") or
+                                                    scope["path"].encode("utf-8")),
+                                     response.status, time.perf_counter() - started)
         out_headers = [(k.encode("latin-1"), v.encode("latin-1"))
                        for k, v in response.headers.items()]
         if response.content_type:

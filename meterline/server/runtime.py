@@ -29,6 +29,7 @@ from typing import Any
 
 from meterline.server.app import AsgiAdapter, Limits, ServerApp
 from meterline.server.keys import KeyStore
+from meterline.server.metrics import LazyCollector, ServerMetrics
 from meterline.server.openapi import document
 from meterline.server.settings import ServerSettings
 from meterline.server.usage import (
@@ -118,6 +119,9 @@ class EmbeddedPipeline:
     generation: RollupGeneration = field(default_factory=RollupGeneration)
     stop_event: threading.Event = field(default_factory=threading.Event)
     stages: dict[str, _Stage] = field(default_factory=dict)
+    # Set by each stage's thread once built, for the metrics collectors (read-only there).
+    loader: Any = None
+    rollups: Any = None
 
     def start(self) -> None:
         for name, target in (("raw", self._run_raw), ("rollups", self._run_rollups)):
@@ -139,6 +143,7 @@ class EmbeddedPipeline:
 
         loader = RawEventLoader(self.storage, LocalLogRecordSource(self.log, RAW_CONSUMER),
                                 max_records=64)
+        self.loader = loader
         while not self.stop_event.is_set():
             if not loader.run_once().records:
                 self.stop_event.wait(0.05)
@@ -162,9 +167,33 @@ class EmbeddedPipeline:
                 flush_interval_s=r.flush_interval_s,
                 checkpoint_interval_s=r.checkpoint_interval_s,
                 id_store_dir=checkpoint.with_name(checkpoint.name + ".ids"))
+            self.rollups = runner
             runner.run(stop=self.stop_event.is_set)
         finally:
             store.close()
+
+    def collectors(self) -> list[Any]:
+        """What ``load-raw`` and ``rollup-local`` export, for this process's /metrics:
+        loader throughput and dead letters, the rollup worker's counters, and the lag of
+        both consumers of the local log."""
+        from meterline.aggregators.metrics import RollupCollector, worker_lag
+        from meterline.ingest.metrics import LagCollector, LoaderCollector, LocalLogLag
+
+        def loader() -> Any:
+            built = self.loader
+            return None if built is None else LoaderCollector("raw", built.metric_totals)
+
+        def rollups() -> Any:
+            built = self.rollups
+            return None if built is None else RollupCollector(built.worker)
+
+        def rollup_lag() -> Any:
+            built = self.rollups
+            lag = None if built is None else worker_lag(built.worker)
+            return None if lag is None else LagCollector([lag])
+
+        return [LazyCollector(loader), LazyCollector(rollups), LazyCollector(rollup_lag),
+                LagCollector([LocalLogLag(self.log, RAW_CONSUMER, stage="raw")])]
 
     def health(self) -> dict[str, str]:
         out = {}
@@ -187,6 +216,7 @@ class Server:
     asgi: AsgiAdapter
     app: ServerApp
     closers: list[Callable[[], None]]
+    metrics_url: str | None = None
 
     def close(self) -> None:
         if not self.closers:
@@ -218,6 +248,7 @@ def build(config: Any, settings: ServerSettings) -> Server:
         writer: EventWriter
         generation: Generation
         health: Callable[[], dict[str, str]]
+        collectors: list[Any] = []
         if settings.pipeline == "embedded":
             from meterline.ingest.local_log import LocalLog
 
@@ -229,6 +260,7 @@ def build(config: Any, settings: ServerSettings) -> Server:
             writer = LocalLogWriter(local_log, max_pending_events=settings.max_pending_events)
             generation = pipeline.generation
             health = pipeline.health
+            collectors = pipeline.collectors()
         else:
             from meterline.sdk.transport import KafkaTransport
 
@@ -243,10 +275,12 @@ def build(config: Any, settings: ServerSettings) -> Server:
         closers.append(writer.close)
         reader = UsageReader(locked, registry, database=storage.database)
         quotas = QuotaService(reader, ConfigLimits(settings.quotas), generation)
+        metrics = ServerMetrics()
         app = ServerApp(registry=registry, keys=keys, writer=writer, reader=reader,
                         quotas=quotas, openapi=document(registry, version()),
                         limits=Limits(settings.max_body_bytes, settings.max_events_per_request),
-                        health=health)
+                        health=health, metrics=metrics)
+        metrics_url = _serve_metrics([metrics, *collectors], closers)
     except BaseException:
         for close in reversed(closers):
             try:
@@ -254,9 +288,35 @@ def build(config: Any, settings: ServerSettings) -> Server:
             except Exception:
                 log.exception("error while cleaning up a failed start")
         raise
-    server = Server(AsgiAdapter(app), app, closers)
+    server = Server(AsgiAdapter(app), app, closers, metrics_url)
     server.asgi = AsgiAdapter(app, on_shutdown=server.close)
     return server
+
+
+def _serve_metrics(collectors: list[Any], closers: list[Callable[[], None]]) -> str | None:
+    """/metrics on ``METERLINE_METRICS_PORT`` / ``_ADDR`` (``--metrics-port`` /
+    ``--metrics-addr``), loopback by default, as every other long-running command; None
+    (not served) without a port. Why not a route on the API port: server/metrics.py."""
+    import meterline.aggregators.metrics  # noqa: F401  (its flush histogram, for serve())
+    from meterline.ingest.metrics import metrics_endpoint
+    from meterline.ingest.metrics import serve as serve_collectors
+
+    endpoint = metrics_endpoint()
+    if endpoint is None:
+        return None
+    from prometheus_client import CollectorRegistry
+
+    http, _ = serve_collectors(collectors, endpoint, registry=CollectorRegistry())
+
+    def close() -> None:
+        http.shutdown()
+        http.server_close()
+
+    closers.append(close)
+    host = endpoint.addr if ":" not in endpoint.addr else f"[{endpoint.addr}]"
+    url = f"http://{host}:{http.server_port}/metrics"
+    print(f"meterline serve: metrics on {url}", flush=True)
+    return url
 
 
 def serve(config: Any, settings: ServerSettings, *,

@@ -108,9 +108,14 @@ def test_late_too_late_and_invalid_events_are_routed(
     hourly = RollupTotalsQuery("hour", "acme", "llm_tokens", db).run(migrated_storage)
     assert hourly == {
         ("acme", "llm_tokens", hour - HOUR_MS): 1 * SCALE,  # the allowed-late event
-        ("acme", "llm_tokens", hour): (5 + 7 + 2) * SCALE,  # not the too-late 100
+        # the too-late 100 is in no rollup row, but restated into what readers see
+        ("acme", "llm_tokens", hour): (5 + 7 + 2 + 100) * SCALE,
         ("acme", "llm_tokens", hour + 4 * HOUR_MS): 1 * SCALE,
     }
+    folded = migrated_storage.query_rows(
+        f"SELECT sum(rollup_value), sum(late_events) FROM {db}.hourly_usage "
+        "WHERE window_start_ms = {h:Int64}", {"h": hour})
+    assert [(int(v), int(n)) for v, n in folded] == [(5 + 7 + 2, 1)]
     late = LateEventsQuery(database=db).run(migrated_storage)
     assert {k: (v.events, v.quantity_nanos) for k, v in late.items()} == {
         ("acme", "llm_tokens"): (1, 100 * SCALE)}

@@ -3,7 +3,9 @@
 synthetic events -> SDK Emitter -> embedded local log -> embedded rollup stage
 (RollupWorker + StorageWriter -> sinks.rollups.write_flush) -> chDB, plus events that come
 too late (late_events) and events and records the rollup stage rejects (dead_letters).
-The tests compute what every panel must show from ``Seeded.counted`` themselves.
+Anomaly episodes (``Seeded.anomalies``) go in through sinks.anomalies.write_events, as the
+anomaly stage writes them. The tests compute what every panel and annotation must show
+from ``Seeded.counted`` and ``Seeded.anomalies`` themselves.
 """
 
 from __future__ import annotations
@@ -37,6 +39,45 @@ class Seeded:
     rejected_events: int  # unknown meter: dead letters of the rollup stage
     rejected_records: int  # undecodable records: dead letters of the rollup stage
     counters: Any
+    anomalies: tuple[Any, ...] = ()  # EpisodeEvents written to the anomalies table
+
+
+def _anomalies(data_end_ms: int) -> list[Any]:
+    """Episodes around the dashboards' 30 h range (which ends ~10 min after data_end_ms):
+    before it, across its start, inside it, open across all of it, after it; an update
+    that escalates; an early warning (not an episode); one customer with dimensions."""
+    from meterline.core.anomaly.model import Anomaly, EpisodeEvent, SeriesKey
+
+    t0 = data_end_ms - data_end_ms % HOUR_MS
+    out: list[Any] = []
+
+    def episode(customer: str, meter: str, since_h: int, steps: list[tuple[str, str]],
+                group: tuple[tuple[str, str], ...] = (), direction: str = "up",
+                resolve_after_h: int | None = None) -> None:
+        series = SeriesKey(customer, meter, group)
+        since = t0 + since_h * HOUR_MS
+        for seq, (kind, severity) in enumerate(steps):
+            window = since + seq * HOUR_MS
+            a = Anomaly(series, window, "seasonal_robust", direction,
+                        1234.5 + seq if direction == "up" else 3.25, 100.0, 60.0, 140.0,
+                        8.5 if direction == "up" else -6.0, severity, since)
+            until = since + resolve_after_h * HOUR_MS if kind == "resolve" and \
+                resolve_after_h is not None else None
+            out.append(EpisodeEvent(kind, series, since, seq, window, a, seq + 1, until))
+
+    episode("cust-00001", "api_calls", -40, [("open", "major"), ("resolve", "major")],
+            group=(("endpoint", "/v1/search"), ("region", "eu-west")), resolve_after_h=4)
+    episode("cust-00001", "llm_tokens", -35, [("open", "minor"), ("update", "major"),
+                                              ("resolve", "major")], resolve_after_h=15)
+    episode("cust-00002", "api_calls", -10, [("open", "major"), ("update", "critical")])
+    episode("cust-00003", "storage_gb", -50, [("open", "minor")], direction="down")
+    episode("cust-00002", "compute_seconds", -5, [("open", "minor"), ("resolve", "minor")],
+            resolve_after_h=2)
+    episode("cust-00004", "api_calls", 3, [("open", "critical")])  # after the range
+    early = out[0]
+    out.append(EpisodeEvent("early", early.series, t0 - 2 * HOUR_MS, -1, t0 - 2 * HOUR_MS,
+                            early.anomaly, 0))
+    return out
 
 
 def _seed(storage: Any, database: str, workdir: Path, now_ms: int) -> Seeded:
@@ -82,7 +123,13 @@ def _seed(storage: Any, database: str, workdir: Path, now_ms: int) -> Seeded:
         log.close()
     assert counters.accepted == len(counted), counters
     assert counters.late == len(late), counters
-    return Seeded(storage, database, registry, data_end_ms, counted, late, 4, 1, counters)
+    from meterline.sinks.anomalies import write_events
+
+    anomalies = _anomalies(data_end_ms)
+    write_events(storage, anomalies, database=database)
+    write_events(storage, anomalies[4:7], database=database)  # a replayed write: same keys
+    return Seeded(storage, database, registry, data_end_ms, counted, late, 4, 1, counters,
+                  tuple(anomalies))
 
 
 @pytest.fixture(scope="session")

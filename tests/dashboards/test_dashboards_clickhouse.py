@@ -2,8 +2,9 @@
 
 The SQL is expanded the way Grafana and the ClickHouse plugin do (meterline.grafana), for
 several variable selections, and executed on usage seeded through the real write path
-(tests/dashboards/conftest.py). Columns are checked for every panel; rows are checked
-against totals computed here from the seeded events, exactly (Decimal), for every panel.
+(tests/dashboards/conftest.py). Columns are checked for every panel and annotation; rows
+are checked against totals computed here from the seeded events, exactly (Decimal), for
+every panel, and the anomaly annotation and table against the seeded episodes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from meterline.grafana import (
     QueryContext,
     Target,
     Variable,
+    annotation_targets,
     expand,
     load_dashboard,
     targets,
@@ -36,7 +38,8 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 WINDOW_MS = {"hourly": HOUR_MS, "daily": DAY_MS}
 DASHBOARD = load_dashboard("consumption")
-CLICKHOUSE_TARGETS = [t for t in targets(DASHBOARD) if t.datasource_type == CLICKHOUSE_PLUGIN]
+CLICKHOUSE_TARGETS = [t for t in [*targets(DASHBOARD), *annotation_targets(DASHBOARD)]
+                      if t.datasource_type == CLICKHOUSE_PLUGIN]
 
 DEC = "Decimal(38, 9)"
 METER = ("meter", "LowCardinality(String)")
@@ -59,6 +62,12 @@ EXPECTED_COLUMNS = {
                                ("dead_letters", "UInt64")],
     "Dead letters per minute": [TIME, ("stage", "LowCardinality(String)"),
                                 ("per_minute", "Float64")],
+    # An annotation: Grafana reads time, timeEnd, text and tags by name.
+    "Anomalies": [("time", "DateTime64(3, 'UTC')"), ("timeEnd", "DateTime64(3, 'UTC')"),
+                  ("text", "String"), ("tags", "Array(String)")],
+    "Open anomalies": [("since", "DateTime64(3, 'UTC')"), ("customer", "String"), METER,
+                       ("dimension_group", "String"), ("direction", "String"),
+                       ("severity", "String"), ("explanation", "String")],
 }
 SUBSET = ["api_calls", "llm_tokens", "storage_gb"]
 
@@ -178,7 +187,13 @@ class Truth:
 
 @pytest.fixture(scope="module")
 def truth(seeded_usage: Any) -> Truth:
-    return Truth(seeded_usage.counted, seeded_usage.registry)
+    # Late usage is restated into the usage views (docs/rollups.md): the seed's late events
+    # are 10 h behind, well within the 35-day restatement horizon, and of sum/count meters,
+    # so each belongs in its window like an on-time event.
+    registry = seeded_usage.registry
+    assert {registry.get(e.meter).aggregation.value for e in seeded_usage.late} <= {
+        "sum", "count"}
+    return Truth([*seeded_usage.counted, *seeded_usage.late], registry)
 
 
 # --------------------------------------------------------------------------- running panels
@@ -376,12 +391,109 @@ def test_usage_panels_read_only_the_views() -> None:
     rollup tables or repeats their FINAL / partition-combining logic. late_events and
     dead_letters have no views; they are read FINAL as sinks/rollups.py reads them."""
     allowed = {"hourly_usage", "daily_usage", "${interval}_usage", "late_events FINAL",
-               "dead_letters FINAL"}
+               "dead_letters FINAL", "anomaly_events"}
     sources = [v.get("query", "") for v in DASHBOARD["templating"]["list"]]
     sources += [str(t.target["rawSql"]) for t in CLICKHOUSE_TARGETS]
     for sql in sources:
         for found in re.findall(r"\$\{database\}\.(\S+(?: FINAL)?)", sql):
             assert found in allowed, sql
         assert "_rollups" not in sql and "source_partition" not in sql, sql
+        assert ".anomalies" not in sql, "anomalies are read through anomaly_events (FINAL)"
         if "FINAL" in sql:
             assert re.search(r"(late_events|dead_letters) FINAL", sql), sql
+
+
+# --------------------------------------------------------------------------- anomalies
+
+
+def _ms(value: Any) -> int:
+    return round(value.timestamp() * 1000) if isinstance(value, datetime) else int(value)
+
+
+def _episodes(seeded: Any) -> dict[tuple[str, str, tuple[tuple[str, str], ...], int], list[Any]]:
+    """The seeded episode events by episode (early warnings are not episodes)."""
+    out: dict[tuple[str, str, tuple[tuple[str, str], ...], int], list[Any]] = defaultdict(list)
+    for e in seeded.anomalies:
+        if e.kind != "early":
+            out[(e.series.customer, e.series.meter, e.series.group, e.since_ms)].append(e)
+    return {k: sorted(v, key=lambda e: e.seq) for k, v in out.items()}
+
+
+def _group_text(group: tuple[tuple[str, str], ...]) -> str:
+    return "&".join(f"{k}={v}" for k, v in sorted(group))
+
+
+def _wanted(seeded: Any, ctx: QueryContext, customer: str, meters: Sequence[str],
+            ) -> list[tuple[int, int, str, list[str]]]:
+    from_ms, to_ms = ctx.from_ms // 1000 * 1000, ctx.to_ms // 1000 * 1000
+    rows = []
+    for (c, m, group, since), events in _episodes(seeded).items():
+        if customer != ALL and c != customer or ALL not in meters and m not in meters:
+            continue
+        last = events[-1]
+        resolved = last.kind == "resolve"
+        end = last.until_ms if resolved else max(since, to_ms)
+        if since > to_ms or end < from_ms:
+            continue
+        dims = f" [{_group_text(group)}]" if group else ""
+        text = (f"{'resolved' if resolved else 'open'} · {c}{dims} · "
+                f"{last.anomaly.explain()}")
+        rows.append((since, end, text,
+                     [m, last.anomaly.direction, last.anomaly.severity], c, m, group))
+    rows.sort(key=lambda r: (r[0], r[4], r[5], _group_text(r[6])))
+    return [r[:4] for r in rows]
+
+
+@pytest.mark.parametrize("selection", [
+    {"customer": ALL, "meters": (ALL,)},
+    {"customer": "cust-00001", "meters": (ALL,)},
+    {"customer": ALL, "meters": tuple(SUBSET)},
+    {"customer": "cust-00002", "meters": ("api_calls",)},
+], ids=["all", "customer", "meters", "both"])
+def test_anomaly_annotations_equal_the_seeded_episodes(seeded_usage: Any,
+                                                       selection: dict[str, Any]) -> None:
+    ctx = _context(seeded_usage, **selection)
+    rows = [(_ms(t), _ms(end), str(text), [str(x) for x in tags])
+            for t, end, text, tags in _run(seeded_usage, "Anomalies", ctx)]
+    want = _wanted(seeded_usage, ctx, selection["customer"], selection["meters"])
+    assert rows == want
+    if selection["customer"] == ALL and selection["meters"] == (ALL,):
+        # The seed has an episode before the range, one after it and an early warning:
+        # each must be left out; the rest (5 episodes) drawn.
+        assert len(want) == 4 < len(_episodes(seeded_usage)) - 1
+        texts = " ".join(r[2] for r in rows)
+        assert "resolved · cust-00001 · " in texts and "open · cust-00003 · " in texts
+        assert "cust-00004" not in texts  # starts after the range
+        assert "[endpoint=" not in texts  # that episode ended before the range
+
+
+def test_anomaly_annotations_follow_the_time_range(seeded_usage: Any) -> None:
+    base = _context(seeded_usage)
+    t0 = base.to_ms - 30 * HOUR_MS
+    wide = QueryContext(t0 - 30 * HOUR_MS, base.to_ms + 10 * HOUR_MS, HOUR_MS,
+                        base.variables)
+    rows = _run(seeded_usage, "Anomalies", wide)
+    assert [(_ms(t), _ms(e)) for t, e, _, _ in rows] == [
+        r[:2] for r in _wanted(seeded_usage, wide, ALL, (ALL,))]
+    assert len(rows) == len(_episodes(seeded_usage))  # now every episode is in range
+
+
+def test_open_anomalies_table(seeded_usage: Any) -> None:
+    for customer, meters in ((ALL, (ALL,)), ("cust-00002", (ALL,)), (ALL, tuple(SUBSET))):
+        ctx = _context(seeded_usage, customer=customer, meters=meters)
+        rows = [(_ms(since), str(c), str(m), str(g), str(d), str(s), str(x))
+                for since, c, m, g, d, s, x in _run(seeded_usage, "Open anomalies", ctx)]
+        want = []
+        for (c, m, group, since), events in _episodes(seeded_usage).items():
+            last = events[-1]
+            if last.kind == "resolve" or (customer != ALL and c != customer) or (
+                    ALL not in meters and m not in meters):
+                continue
+            want.append((since, c, m, _group_text(group), last.anomaly.direction,
+                         last.anomaly.severity, last.anomaly.explain()))
+        want.sort(key=lambda r: (-r[0], r[1], r[2], r[3]))
+        assert rows == want, (customer, meters)
+    # Open whatever the range: the episode that starts after it is listed too.
+    everything = _run(seeded_usage, "Open anomalies", _context(seeded_usage))
+    assert {str(r[1]) for r in everything} == {"cust-00002", "cust-00003", "cust-00004"}
+    assert [str(r[5]) for r in everything if str(r[1]) == "cust-00002"] == ["critical"]

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from meterline.grafana import CLICKHOUSE_PLUGIN, DASHBOARDS_DIR, load_dashboard, targets
+from meterline.grafana import (
+    CLICKHOUSE_PLUGIN,
+    DASHBOARDS_DIR,
+    annotation_targets,
+    load_dashboard,
+    targets,
+)
 
 REPO = DASHBOARDS_DIR.parent
 DOCS = (REPO / "docs" / "dashboards.md").read_text(encoding="utf-8")
@@ -54,8 +60,8 @@ def test_dashboard_is_importable_json(name: str) -> None:
 
 def test_clickhouse_targets_follow_the_plugin_format() -> None:
     doc = load_dashboard("consumption")
-    found = list(targets(doc))
-    assert len(found) >= 10
+    found = [*targets(doc), *annotation_targets(doc)]
+    assert len(found) >= 12
     for t in found:
         target = t.target
         assert target["datasource"] == {"type": CLICKHOUSE_PLUGIN, "uid": "${datasource}"}
@@ -83,7 +89,8 @@ def test_every_variable_a_panel_uses_is_defined(name: str) -> None:
     doc = load_dashboard(name)
     defined = {v["name"] for v in doc["templating"]["list"]}
     texts = [p.get("title", "") for p in _panels(doc["panels"])]
-    texts += [str(t.target.get("rawSql") or t.target.get("expr")) for t in targets(doc)]
+    texts += [str(t.target.get("rawSql") or t.target.get("expr"))
+              for t in [*targets(doc), *annotation_targets(doc)]]
     texts += [str(v.get("query", "")) for v in doc["templating"]["list"] if v["type"] == "query"]
     for text in texts:
         for match in REFERENCE.finditer(text):
@@ -109,10 +116,27 @@ def test_consumption_variables() -> None:
         assert variables[name]["query"] == variables[name]["definition"]
 
 
+def test_anomaly_annotation() -> None:
+    """Grafana draws an annotation query's rows by the column names time, timeEnd (a
+    region), text and tags; the annotation sits on the dashboard's ClickHouse datasource
+    and is on by default."""
+    doc = load_dashboard("consumption")
+    (annotation,) = [a for a in doc["annotations"]["list"] if a["name"] == "Anomalies"]
+    assert annotation["enable"] and not annotation["hide"] and annotation["iconColor"]
+    assert annotation["datasource"] == {"type": CLICKHOUSE_PLUGIN, "uid": "${datasource}"}
+    (target,) = list(annotation_targets(doc))
+    sql = str(target.target["rawSql"])
+    for column in ("time", "timeEnd", "text", "tags"):
+        assert re.search(rf"\bAS {column}\b", sql), column
+    assert "$customer" in sql and "$meter" in sql and "$__toTime" in sql
+    assert f"| {annotation['name']} (annotation) |" in DOCS
+
+
 def test_backend_macro_arguments_are_plain_names() -> None:
     """Older plugin versions split macro arguments at every comma and stop at the first
     ')': plain column names and aliases work in all of them."""
-    for t in targets(load_dashboard("consumption")):
+    doc = load_dashboard("consumption")
+    for t in [*targets(doc), *annotation_targets(doc)]:
         sql = str(t.target["rawSql"])
         for macro, arg in re.findall(r"\$__(\w+)\(([^)]*)\)", sql):
             if macro != "conditionalAll":  # expanded by the plugin's frontend, by brackets

@@ -194,7 +194,8 @@ def test_rollup_usage_query_sql_is_exact() -> None:
     sql, params = RollupUsageQuery("acme", "api_calls", 1_000, 2_000, "day",
                                    database="billing").to_sql()
     assert sql == (
-        "SELECT window_start_ms, dimensions, value, events\n"
+        "SELECT window_start_ms, dimensions, value_exact, events, late_events,\n"
+        "    late_pending\n"
         "FROM billing.daily_usage\n"
         "WHERE customer = {customer:String}\n"
         "  AND meter = {meter:String}\n"
@@ -225,7 +226,7 @@ def test_rollup_usage_query_values_never_reach_the_sql_text() -> None:
 def test_rollup_totals_query_sql() -> None:
     sql, params = RollupTotalsQuery().to_sql()
     assert sql == (
-        "SELECT customer, meter, window_start_ms, sum(toDecimal256(value, 9)) AS value\n"
+        "SELECT customer, meter, window_start_ms, sum(value_exact) AS value\n"
         "FROM meterline.hourly_usage\n"
         "GROUP BY customer, meter, window_start_ms\n"
         "ORDER BY customer, meter, window_start_ms"
@@ -268,10 +269,10 @@ def test_late_and_dead_letter_queries_dedupe() -> None:
 
 def test_parse_converts_decimals_exactly_and_refuses_floats() -> None:
     query = RollupUsageQuery("a", "m", 0, 1)
-    rows = query.parse([(0, {"k": "v"}, Decimal("99999999999999999999.000000001"), 2)])
-    assert rows == [RollupUsageRow(0, {"k": "v"}, 99999999999999999999 * 10**9 + 1, 2)]
+    rows = query.parse([(0, {"k": "v"}, Decimal("99999999999999999999.000000001"), 2, 1, 0)])
+    assert rows == [RollupUsageRow(0, {"k": "v"}, 99999999999999999999 * 10**9 + 1, 2, 1)]
     with pytest.raises(SinkError):
-        query.parse([(0, {}, 0.1, 1)])
+        query.parse([(0, {}, 0.1, 1, 0, 0)])
     with pytest.raises(SinkError):
         RollupTotalsQuery().parse([("a", "m", 0, 0.1)])
 
@@ -323,9 +324,10 @@ def test_writing_the_same_flush_twice_shows_each_row_once(
     for clock in (1, 2):  # a retry after a crash writes it again, at another time
         write_flush(migrated_storage, flush, clock_ms=lambda c=clock: c)
     db = migrated_storage.database
+    # The late llm_tokens event is restated into its hour and day, once (1.5 + 0.25).
     assert _usage(migrated_storage, h0) == [RollupUsageRow(h0, {"region": "eu"},
-                                                           1_500_000_000, 3)]
-    assert _usage(migrated_storage, h0, "day")[0].events == 3
+                                                           1_750_000_000, 4, 1)]
+    assert _usage(migrated_storage, h0, "day")[0].events == 4
     late = LateEventsQuery(database=db).run(migrated_storage)
     assert late == {("acme", "api_calls"): LateTotals(1, 250_000_000),
                     ("acme", "llm_tokens"): LateTotals(1, 250_000_000)}

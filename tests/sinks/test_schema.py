@@ -14,6 +14,7 @@ from meterline.sinks.schema import (
     HOURLY_ROLLUPS,
     HOURLY_USAGE,
     LATE_EVENTS,
+    LATE_EVENTS_RESTATED,
     PER_METER_FIELDS,
     RAW_EVENTS,
     RAW_EVENTS_DEDUPLICATED,
@@ -132,18 +133,16 @@ TTL least(toDateTime(intDiv(window_start_ms, 1000)), \
 toDateTime(4294967295) - toIntervalDay(400)) + toIntervalDay(400)
 COMMENT 'Events that arrived after their window closed: in no rollup; read FINAL'"""
 
-HOURLY_USAGE_SQL = """\
-CREATE OR REPLACE VIEW meterline.hourly_usage AS
-SELECT customer, meter, group_key, dimensions, window_start_ms, window_end_ms, aggregation,
-    multiIf(aggregation = 'min', min(value),
-            aggregation = 'max', max(value),
-            aggregation = 'latest', argMax(value, (source, source_partition)),
-            sum(value)) AS value,
-    sum(events) AS events,
-    count() AS source_partitions,
-    max(updated_at_ms) AS updated_at_ms
-FROM meterline.hourly_rollups FINAL
-GROUP BY customer, meter, group_key, dimensions, window_start_ms, window_end_ms, aggregation"""
+# The partition-combining part of the usage views (unchanged by restatement): FINAL first,
+# then one value per window key by aggregation.
+HOURLY_COMBINE_SQL = """\
+        toDecimal256(multiIf(aggregation = 'min', min(value),
+                             aggregation = 'max', max(value),
+                             aggregation = 'latest',
+                             argMax(value, (source, source_partition)),
+                             sum(value)), 9) AS rollup_value,
+        sum(events) AS rollup_events, count() AS source_partitions,
+        max(updated_at_ms) AS updated_at_ms,"""
 
 
 # --------------------------------------------------------------------------- rendering
@@ -187,9 +186,14 @@ def test_late_events_ddl_is_exact() -> None:
 
 
 def test_usage_views_combine_partitions_after_final() -> None:
-    assert HOURLY_USAGE.create_sql("meterline") == HOURLY_USAGE_SQL
+    hourly = HOURLY_USAGE.create_sql("meterline")
+    assert HOURLY_COMBINE_SQL in hourly
+    assert "FROM meterline.hourly_rollups FINAL\n" in hourly
+    assert "FROM meterline.late_events_restated AS l\n" in hourly
     daily = DAILY_USAGE.create_sql("meterline")
-    assert daily == HOURLY_USAGE_SQL.replace("hourly", "daily")
+    assert daily == (hourly.replace("hourly_usage", "daily_usage")
+                     .replace("hourly_rollups FINAL", "daily_rollups FINAL")
+                     .replace("3600000", "86400000"))
 
 
 def test_per_meter_ttl_rules_cover_every_row_once() -> None:
@@ -432,6 +436,7 @@ def test_plan_on_an_empty_database_creates_everything() -> None:
         *(t.create_sql("meterline", RetentionPolicy()) for t in billing_tables.tables()),
         *(t.create_sql("meterline", RetentionPolicy()) for t in anomaly_ddl.tables()),
         RAW_EVENTS_DEDUPLICATED.create_sql("meterline"),
+        LATE_EVENTS_RESTATED.create_sql("meterline"),
         HOURLY_USAGE.create_sql("meterline"),
         DAILY_USAGE.create_sql("meterline"),
         *(v.create_sql("meterline") for v in billing_tables.views()),
@@ -517,7 +522,7 @@ def _create_table_query(storage: Any, table: str) -> str:
 
 def test_migrate_creates_tables_and_is_idempotent(chdb_storage: Any) -> None:
     first = migrate(chdb_storage)
-    assert len(first.statements) == len(TABLES) + len(VIEWS) == 13  # 8 tables, 5 views
+    assert len(first.statements) == len(TABLES) + len(VIEWS) == 14  # 8 tables, 6 views
     state = read_schema_state(chdb_storage, chdb_storage.database)
     assert {t.name for t in TABLES} | {v.name for v in VIEWS} | {"schema_meta"} <= set(
         state.existing_tables
