@@ -4,7 +4,6 @@ this test sent; the stages' collectors; no customer or tenant label anywhere."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
