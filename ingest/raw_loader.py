@@ -3,10 +3,13 @@
 The order is what makes it safe: rows are inserted first and the source offsets are
 committed after, so a crash in between re-reads the records and re-inserts the same rows,
 which readers of ``raw_events`` count once per ``(customer, meter, event_id)``. A poison
-record or event never stalls its partition: a record the decoder refuses, and every event
-``raw_events`` could not hold (quantity beyond Decimal(38, 9), time outside what DateTime
-holds or too far ahead of the log, or already past the table's retention), becomes a dead
-letter with its reason, and the rest of the poll lands.
+record or event never stalls its partition: a record the decoder refuses, every event the
+rollup fold would refuse (the meter registry's rules, checked by the fold's own
+``MeterPlan.check``), and every event ``raw_events`` would delete at once (past the table's
+retention) becomes a dead letter with its reason, and the rest of the poll lands. So raw
+totals equal the rollup totals readers see, save one case only the fold can know: an event
+that would take its *window's* total out of Decimal(38, 9) (``window_total_out_of_range``)
+is in raw_events, where each row fits its column.
 
 Metrics: inserts are timed per table (``TimedStorage``); ``meterline load-raw`` serves the
 loader's throughput and its group's consumer lag when ``METERLINE_METRICS_PORT`` is set.
@@ -22,10 +25,10 @@ from typing import Any
 
 from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
-from meterline.core.events import MAX_TIMESTAMP_MS, METER_NAME_RE, MIN_TIMESTAMP_MS
+from meterline.core.events import MAX_TIMESTAMP_MS
+from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import DeadLetterRecord, event_dead_letter, record_dead_letter
-from meterline.core.quantity import MAX_NANOS
-from meterline.core.rollup import MAX_FUTURE_SKEW_MS
+from meterline.core.rollup import MAX_FUTURE_SKEW_MS, MISSING_CUSTOMER, UNKNOWN_METER, MeterPlan
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.logs import where
@@ -40,14 +43,9 @@ from meterline.sinks.storage import Storage
 
 log = logging.getLogger(__name__)
 
-# Per-event reasons of this stage (``event.<code>`` in dead_letters). The stage has no
-# meter registry: it keeps every well-formed event for audit and leaves meter rules
-# (unknown meter, sign, dimensions) to the rollup stage; what it refuses is what
-# raw_events cannot hold or would delete at once, with the fold's codes where they agree.
-MISSING_CUSTOMER = "missing_customer"
-BAD_METER = "bad_meter"
-TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"  # also: > 15 min ahead of the log clock
-QUANTITY_OUT_OF_RANGE = "quantity_out_of_range"  # beyond Decimal(38, 9)
+# Per-event reasons of this stage (``event.<code>`` in dead_letters): the rollup fold's
+# codes (``meterline.core.rollup.REJECTION_REASONS``) for the registry's rules, decided by
+# the same objects in the same order, plus the one only raw_events has:
 OUTSIDE_RETENTION = "outside_retention"  # raw_events' TTL would delete it on insert
 
 
@@ -63,31 +61,40 @@ class LoadCounters:
         self.dead_letters += n
 
 
-def _event_faults(batch: Batch, clock_ms: int, now_ms: int,
+def _event_faults(batch: Batch, clock_ms: int, now_ms: int, registry: MeterRegistry,
+                  plans: dict[str, MeterPlan | None],
                   retention: RetentionPolicy) -> dict[int, str]:
     """``{position: reason}`` for the events of ``batch`` raw_events must not take.
 
     ``clock_ms`` is the record's log time (the fold's clock for the future-skew rule);
-    ``now_ms`` the loader's wall clock (what the table's TTL runs on).
+    ``now_ms`` the loader's wall clock (what the table's TTL runs on). ``plans`` caches
+    one ``MeterPlan`` per meter name across the batches of a poll.
     """
     bad: dict[int, str] = {}
-    for i, (customer, meter) in enumerate(zip(batch.customers, batch.meters, strict=True)):
-        if not customer:
+    newest_ok_ms = min(clock_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
+    dimensions = batch.dimensions
+    rows = zip(batch.customers, batch.meters, batch.quantities, batch.timestamps_ms,
+               strict=True)
+    # The fold's order (RollupState.apply_batch): unknown meter, missing customer, then
+    # the meter's own rules - so an event with two faults gets the fold's reason.
+    for i, (customer, meter, qty, ts) in enumerate(rows):
+        if meter in plans:
+            plan = plans[meter]
+        else:
+            found = registry.get(meter)
+            plan = plans[meter] = None if found is None else MeterPlan(found)
+        if plan is None:
+            bad[i] = UNKNOWN_METER
+        elif not customer:
             bad[i] = MISSING_CUSTOMER
-        elif not METER_NAME_RE.match(meter):
-            bad[i] = BAD_METER
-    stamps, quantities = batch.timestamps_ms, batch.quantities
-    newest_ok = min(clock_ms + MAX_FUTURE_SKEW_MS, MAX_TIMESTAMP_MS - 1)
-    if not (min(stamps) >= MIN_TIMESTAMP_MS and max(stamps) <= newest_ok):
-        for i, ts in enumerate(stamps):
-            if not MIN_TIMESTAMP_MS <= ts <= newest_ok:
-                bad.setdefault(i, TIMESTAMP_OUT_OF_RANGE)
-    if not (min(quantities) >= -MAX_NANOS and max(quantities) <= MAX_NANOS):
-        for i, q in enumerate(quantities):
-            if not -MAX_NANOS <= q <= MAX_NANOS:
-                bad.setdefault(i, QUANTITY_OUT_OF_RANGE)
+        else:
+            checked = plan.check(qty, ts, dimensions[i] if dimensions is not None else None,
+                                 newest_ok_ms)
+            if isinstance(checked, str):
+                bad[i] = checked
     # Retention: one comparison for the whole batch unless its oldest event is near the
     # edge for the shortest retention any meter has.
+    stamps = batch.timestamps_ms
     field_ = "raw_events_days"
     horizon_ms = now_ms + RETENTION_MARGIN_MS
     shortest = min([retention.raw_events_days] + [d for _, d in retention.overrides(field_)])
@@ -99,16 +106,20 @@ def _event_faults(batch: Batch, clock_ms: int, now_ms: int,
 
 
 def build_rows(
-    records: Sequence[SourceRecord], now_ms: int, retention: RetentionPolicy | None = None,
+    records: Sequence[SourceRecord], now_ms: int, registry: MeterRegistry,
+    retention: RetentionPolicy | None = None,
 ) -> tuple[RawEventColumns, DeadLetterColumns, LoadCounters]:
     """Pure: records -> raw-event columns + dead letters (one per bad record or event).
 
-    Every event is checked on its own: one that raw_events cannot hold (see
-    ``_event_faults``) becomes a dead letter with its reason and the rest of its batch,
-    and of the poll, lands. ``retention`` defaults to ``RetentionPolicy()``: pass the
-    configured one, or events inside a longer configured retention are refused.
+    Every event is checked on its own: one the rollup fold would refuse under
+    ``registry``, or that raw_events would delete at once (see ``_event_faults``), becomes
+    a dead letter with its reason and the rest of its batch, and of the poll, lands.
+    ``registry`` must be the one the rollup stage runs with, or the stages disagree.
+    ``retention`` defaults to ``RetentionPolicy()``: pass the configured one, or events
+    inside a longer configured retention are refused.
     """
     retention = retention or RetentionPolicy()
+    plans: dict[str, MeterPlan | None] = {}
     counters = LoadCounters(records=len(records))
     raw: dict[str, list[Any]] = {k: [] for k in (
         "event_id", "batch_id", "customer", "meter", "quantity_nano", "timestamp_ms",
@@ -129,7 +140,7 @@ def build_rows(
             continue
         ids = batch.event_ids()
         clock_ms = rec.timestamp_ms if rec.timestamp_ms >= 0 else batch.created_ms
-        bad = _event_faults(batch, clock_ms, now_ms, retention)
+        bad = _event_faults(batch, clock_ms, now_ms, registry, plans, retention)
         for i, reason in sorted(bad.items()):
             dead.append(event_dead_letter(rec.topic, rec.partition, rec.offset, received_ms,
                                           batch, i, ids[i], "event." + reason))
@@ -167,6 +178,7 @@ class RawEventLoader:
         self,
         storage: Storage,
         source: RecordSource,
+        registry: MeterRegistry,
         *,
         max_records: int = 200,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
@@ -174,6 +186,7 @@ class RawEventLoader:
     ) -> None:
         self._storage = TimedStorage(storage)
         self._retention = retention or RetentionPolicy()
+        self._registry = registry
         self._source = source
         self._max_records = max_records
         self._clock_ms = clock_ms
@@ -184,7 +197,8 @@ class RawEventLoader:
         records = self._source.poll_records(self._max_records, timeout_s)
         if not records:
             return LoadCounters()
-        rows, dead, counters = build_rows(records, self._clock_ms(), self._retention)
+        rows, dead, counters = build_rows(records, self._clock_ms(), self._registry,
+                                           self._retention)
         for reason, n in sorted(counters.by_reason.items()):
             log.warning("raw stage: %d dead letter(s) %s in offsets %d..%d", n, reason,
                         records[0].offset, records[-1].offset,
@@ -236,7 +250,8 @@ def run_kafka_loader(config: Any, *, until_idle_s: float | None = None) -> LoadC
     lag = KafkaGroupLag(kafka.bootstrap_servers, kafka.group_id, [kafka.topic], stage="raw")
     try:
         migrate(storage, storage.database, config.retention_policy())
-        loader = RawEventLoader(storage, source, retention=config.retention_policy())
+        loader = RawEventLoader(storage, source, config.registry(),
+                                retention=config.retention_policy())
         if endpoint is not None:
             serve([LoaderCollector("raw", loader.metric_totals), LagCollector([lag])], endpoint)
         totals = loader.run(until_idle_s=until_idle_s)

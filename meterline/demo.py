@@ -126,7 +126,8 @@ def run_demo(
         t = time.monotonic()
         migrate(storage, storage.database, config.retention_policy())
         source = LocalLogRecordSource(log, consumer="raw-events")
-        loader = RawEventLoader(storage, source, max_records=64)
+        loader = RawEventLoader(storage, source, registry, max_records=64,
+                                retention=config.retention_policy())
         bar = _bar(progress, stats.delivered, "load   (chDB)")
         while source.lag():
             step = loader.run_once(timeout_s=0)

@@ -14,6 +14,7 @@ change for a late event; the views add it to what readers see:
 from __future__ import annotations
 
 from meterline.sinks.ddl import Table, View
+from meterline.sinks.reaggregation import reaggregated_windows_sql
 
 __all__ = ["DAY_MS", "HOUR_MS", "late_events_restated_view", "usage_view"]
 
@@ -138,16 +139,25 @@ def _usage_query(window_ms: int) -> str:
     # Decimal(38, 9) (10^29 units: only absurd quantities reach it) makes reading ``value``
     # of it fail loudly rather than wrap; the query helpers read ``value_exact``.
     # Aggregation-specific restatement: sum adds the late quantities, count the late
-    # events, min/max take the extreme. unique_count and latest cannot be restated from a
-    # quantity (their value needs the event's value_property / the window's latest
-    # timestamp, neither stored per window): their late events are reported as pending.
+    # events, min/max take the extreme. unique_count and latest cannot be corrected from a
+    # quantity (their value needs the window's users / its newest timestamp, neither stored
+    # per window): they are re-aggregated from raw events (below and in the helpers).
     combined = ", ".join(
         f"{'max' if name in ('updated_at_ms', 'has_rollup') else 'sum'}({name}) AS c_{name}"
         if name not in ("late_min", "late_max") else f"{name[5:]}If({name}, late_count > 0)"
         f" AS c_{name}" for name in _AGGREGATES)
+    # latest is re-aggregated from raw here (it needs no registry: sinks/reaggregation.py);
+    # unique_count needs the meter's value_property, so the query helpers do it and the
+    # view reports its late events as pending. ``reaggregated``: raw holds exactly the
+    # window's counted events (the rollup's and the restated late ones), so its newest
+    # event is the window's; otherwise the window stays pending, not guessed.
+    latest = reaggregated_windows_sql(window_ms, "{database}", "''", ("latest",))
     return (
-        f"SELECT {', '.join(_WINDOW_KEY)},\n"
-        "    multiIf(c_late_count = 0 OR NOT additive, c_rollup_value,\n"
+        f"SELECT {', '.join('u.' + k + ' AS ' + k for k in _WINDOW_KEY)},\n"
+        "    u.aggregation = 'latest' AND u.c_late_count > 0\n"
+        "        AND r.raw_events = u.c_rollup_events + u.c_late_count AS reaggregated,\n"
+        "    multiIf(reaggregated, r.raw_latest,\n"
+        "            c_late_count = 0 OR NOT additive, c_rollup_value,\n"
         "            aggregation = 'sum', c_rollup_value + c_late_sum,\n"
         "            aggregation = 'count', c_rollup_value + toDecimal256(c_late_count, 9),\n"
         "            aggregation = 'min',\n"
@@ -158,9 +168,9 @@ def _usage_query(window_ms: int) -> str:
         "    c_rollup_events + late_events AS events,\n"
         "    c_source_partitions AS source_partitions,\n"
         "    c_updated_at_ms AS updated_at_ms,\n"
-        "    if(additive, c_late_count, 0) AS late_events,\n"
+        "    if(additive OR reaggregated, c_late_count, 0) AS late_events,\n"
         "    toUInt8(late_events > 0) AS restated,\n"
-        "    if(additive, 0, c_late_count) AS late_pending,\n"
+        "    if(additive OR reaggregated, 0, c_late_count) AS late_pending,\n"
         "    c_late_beyond AS late_beyond_horizon,\n"
         "    c_rollup_value AS rollup_value,\n"
         "    c_rollup_events AS rollup_events\n"
@@ -176,6 +186,10 @@ def _usage_query(window_ms: int) -> str:
         f"{late}"
         "    )\n"
         "    GROUP BY customer, meter, group_key, window_start_ms\n"
-        ")\n"
+        ") AS u\n"
+        "LEFT JOIN (\n"
+        f"{latest}\n"
+        ") AS r ON r.customer = u.customer AND r.meter = u.meter\n"
+        "    AND r.group_key = u.group_key AND r.window_start_ms = u.window_start_ms\n"
         "WHERE c_has_rollup = 1 OR c_late_count > 0"
     )

@@ -13,8 +13,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from meterline.core.meters import Aggregation, MeterRegistry
 from meterline.sinks.columns import range_errors, require
 from meterline.sinks.raw_events import nano_from_decimal
+from meterline.sinks.reaggregation import reaggregated_windows_sql, value_property_params
+from meterline.sinks.restatement import DAY_MS, HOUR_MS
 from meterline.sinks.schema import (
     DAILY_USAGE,
     DEAD_LETTERS,
@@ -40,6 +43,11 @@ __all__ = [
 Granularity = Literal["hour", "day"]
 
 _VIEWS: Mapping[str, View] = {"hour": HOURLY_USAGE, "day": DAILY_USAGE}
+_WINDOW_MS: Mapping[str, int] = {"hour": HOUR_MS, "day": DAY_MS}
+
+# Which meters are unique_count and what they count: a MeterRegistry, or
+# ``{meter: value_property}`` of the unique_count meters.
+ValueProperties = MeterRegistry | Mapping[str, str]
 
 
 # --------------------------------------------------------------------------- queries
@@ -62,11 +70,67 @@ def _filters(conditions: Iterable[tuple[str, str, Any]]) -> tuple[str, dict[str,
     return clause, params
 
 
+def _unique_properties(registry: ValueProperties | None) -> dict[str, str]:
+    if registry is None:
+        return {}
+    if isinstance(registry, MeterRegistry):
+        return {m.name: m.value_property for m in registry
+                if m.aggregation is Aggregation.UNIQUE_COUNT}
+    return dict(registry)
+
+
+def _property_errors(registry: ValueProperties | None) -> list[str]:
+    if registry is None or isinstance(registry, MeterRegistry):
+        return []
+    if not isinstance(registry, Mapping):
+        return [f"registry must be a MeterRegistry or a {{meter: value_property}} mapping, "
+                f"got {type(registry).__name__}"]
+    return [f"value_property of meter {m!r} must be a non-empty string, got {p!r}"
+            for m, p in registry.items()
+            if not isinstance(m, str) or not isinstance(p, str) or not p]
+
+
+def _usage_source(granularity: str, database: str,
+                  registry: ValueProperties | None) -> tuple[str, str, dict[str, str]]:
+    """The FROM clause over a usage view, the prefix of its columns (``u.`` when joined)
+    and the columns (value_exact, events, late_events, late_pending) as read through it.
+
+    With the unique_count meters' value properties, a unique_count window with restated
+    late events is re-aggregated from raw_events_deduplicated (sinks/reaggregation.py)
+    when raw holds exactly the window's counted events; otherwise, and without them, its
+    late events stay ``late_pending`` as in the view."""
+    view = _VIEWS[granularity].qualified(database)
+    properties = _unique_properties(registry)
+    if not properties:  # the view as it is (the same SQL as before registries existed)
+        return f"{view}\n", "", {name: name for name in ("value_exact", "events",
+                                                          "late_events", "late_pending")}
+    expr = value_property_params(properties)
+    reaggregated = reaggregated_windows_sql(_WINDOW_MS[granularity], database, expr,
+                                            ("unique_count",))
+    ok = ("(u.aggregation = 'unique_count' AND u.late_pending > 0"
+          " AND r.raw_events = u.rollup_events + u.late_pending)")
+    columns = {
+        "value_exact": f"if({ok}, toDecimal256(r.raw_unique, 9), u.value_exact)",
+        "events": f"if({ok}, u.rollup_events + u.late_pending, u.events)",
+        "late_events": f"if({ok}, u.late_pending, u.late_events)",
+        "late_pending": f"if({ok}, 0, u.late_pending)",
+    }
+    source = (
+        f"{view} AS u\n"
+        f"LEFT JOIN (\n{reaggregated}\n) AS r ON r.customer = u.customer\n"
+        "    AND r.meter = u.meter AND r.group_key = u.group_key\n"
+        "    AND r.window_start_ms = u.window_start_ms\n"
+    )
+    return source, "u.", columns
+
+
 @dataclass(frozen=True)
 class RollupUsageRow:
     """One window of a usage view. ``value_nanos`` and ``events`` include the late events
     restated into it (``late_events`` of them); ``late_pending`` late events within the
-    restatement horizon are *not* in the value (unique_count, latest: see docs/rollups.md)."""
+    restatement horizon are *not* in the value (a unique_count window read without the
+    meter registry, or a unique_count/latest window raw cannot re-aggregate exactly: see
+    docs/rollups.md)."""
 
     window_start_ms: int
     group: dict[str, str]
@@ -81,6 +145,9 @@ class RollupUsageQuery:
     """One customer's meter per window and group, for windows starting in [start_ms, end_ms).
 
     ``value_nanos`` follows the meter's aggregation (a count of 3 is ``3 * 10**9``).
+    ``registry`` (a MeterRegistry or ``{meter: value_property}`` of unique_count meters)
+    lets unique_count windows with late events be re-aggregated from raw events; without
+    it their late events stay ``late_pending``, not in the value, as in the views.
     """
 
     customer: str
@@ -89,20 +156,24 @@ class RollupUsageQuery:
     end_ms: int
     granularity: Granularity = "hour"
     database: str = DEFAULT_DATABASE
+    registry: ValueProperties | None = None
 
     def to_sql(self) -> tuple[str, dict[str, Any]]:
         errors = range_errors(self.start_ms, self.end_ms)
         errors += _common_errors(self.database, self.granularity)
+        errors += _property_errors(self.registry)
         require(errors, "rollup usage query")
+        source, u, col = _usage_source(self.granularity, self.database, self.registry)
         sql = (
-            "SELECT window_start_ms, dimensions, value_exact, events, late_events,\n"
-            "    late_pending\n"
-            f"FROM {_VIEWS[self.granularity].qualified(self.database)}\n"
-            "WHERE customer = {customer:String}\n"
-            "  AND meter = {meter:String}\n"
-            "  AND window_start_ms >= {start_ms:Int64}\n"
-            "  AND window_start_ms < {end_ms:Int64}\n"
-            "ORDER BY window_start_ms, group_key"
+            f"SELECT {u}window_start_ms, {u}dimensions, {col['value_exact']},"
+            f" {col['events']}, {col['late_events']},\n"
+            f"    {col['late_pending']}\n"
+            f"FROM {source}"
+            f"WHERE {u}customer = {{customer:String}}\n"
+            f"  AND {u}meter = {{meter:String}}\n"
+            f"  AND {u}window_start_ms >= {{start_ms:Int64}}\n"
+            f"  AND {u}window_start_ms < {{end_ms:Int64}}\n"
+            f"ORDER BY {u}window_start_ms, {u}group_key"
         )
         params = {"customer": self.customer, "meter": self.meter, "start_ms": self.start_ms,
                   "end_ms": self.end_ms}
@@ -126,26 +197,31 @@ class RollupTotalsQuery:
 
     The sum over groups is the meter's total for additive aggregations (sum, count); for
     min, max, latest and unique_count it is only the sum of the per-group values. Late
-    events within the restatement horizon are included, as in the views.
+    events within the restatement horizon are included, as in the views; unique_count
+    windows with late events only with ``registry`` (see RollupUsageQuery).
     """
 
     granularity: Granularity = "hour"
     customer: str | None = None
     meter: str | None = None
     database: str = DEFAULT_DATABASE
+    registry: ValueProperties | None = None
 
     def to_sql(self) -> tuple[str, dict[str, Any]]:
-        require(_common_errors(self.database, self.granularity), "rollup totals query")
+        errors = _common_errors(self.database, self.granularity)
+        require(errors + _property_errors(self.registry), "rollup totals query")
+        source, u, col = _usage_source(self.granularity, self.database, self.registry)
         where, params = _filters([
-            ("customer", "customer = {customer:String}", self.customer),
-            ("meter", "meter = {meter:String}", self.meter),
+            ("customer", f"{u}customer = {{customer:String}}", self.customer),
+            ("meter", f"{u}meter = {{meter:String}}", self.meter),
         ])
+        keys = f"{u}customer, {u}meter, {u}window_start_ms"
         sql = (
-            "SELECT customer, meter, window_start_ms, sum(value_exact) AS value\n"
-            f"FROM {_VIEWS[self.granularity].qualified(self.database)}\n"
+            f"SELECT {keys}, sum({col['value_exact']}) AS value\n"
+            f"FROM {source}"
             f"{where}"
-            "GROUP BY customer, meter, window_start_ms\n"
-            "ORDER BY customer, meter, window_start_ms"
+            f"GROUP BY {keys}\n"
+            f"ORDER BY {keys}"
         )
         return sql, params
 

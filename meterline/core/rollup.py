@@ -72,6 +72,7 @@ __all__ = [
     "Dedupers",
     "Key",
     "LateEvent",
+    "MeterPlan",
     "RollupRow",
     "RollupState",
     "WindowKey",
@@ -188,8 +189,15 @@ class _Cell:
         self.events = events
 
 
-class _Plan:
-    """Per-meter facts looked up once per batch instead of once per event."""
+class MeterPlan:
+    """One meter's rules, and the facts the fold needs, looked up once per batch instead
+    of once per event.
+
+    ``check`` is *the* per-event meter rule: the raw-events stage calls the same method
+    (``ingest/raw_loader.py``), so an event the fold refuses never lands in raw_events
+    and both stages give it the same reason. The fold itself tests ``unknown_meter``
+    (no plan) and then ``missing_customer`` before ``check``; so does the raw stage.
+    """
 
     __slots__ = ("aggregator", "allow_negative", "allowed", "checks_total", "empty_group",
                  "group_by", "plain_sum", "unique", "value_property")
@@ -287,7 +295,7 @@ class RollupState:
         explicit_ids = batch.ids
         dimensions = batch.dimensions
         prefix = batch.batch_id + "-"
-        plans: dict[str, _Plan | None] = {}
+        plans: dict[str, MeterPlan | None] = {}
         touched: dict[tuple[str, str, Group, int], tuple[_Cell, _Cell]] = {}
         dirty, max_ts = out.dirty, None
         rows = zip(batch.customers, batch.meters, batch.quantities, batch.timestamps_ms,
@@ -299,7 +307,7 @@ class RollupState:
                 plan = plans[meter_name]
             else:
                 meter = registry.get(meter_name)
-                plan = plans[meter_name] = None if meter is None else _Plan(meter)
+                plan = plans[meter_name] = None if meter is None else MeterPlan(meter)
             if plan is None:
                 checked: str | tuple[Group, str | None] = UNKNOWN_METER
             elif not customer:

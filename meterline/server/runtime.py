@@ -142,7 +142,8 @@ class EmbeddedPipeline:
         from meterline.ingest.sources import LocalLogRecordSource
 
         loader = RawEventLoader(self.storage, LocalLogRecordSource(self.log, RAW_CONSUMER),
-                                max_records=64)
+                                self.registry, max_records=64,
+                                retention=self.config.retention_policy())
         self.loader = loader
         while not self.stop_event.is_set():
             if not loader.run_once().records:

@@ -112,7 +112,7 @@ class Pipeline:
                                       checkpoint_interval_s=0.5)
         self.runner.start()
         self.loader = RawEventLoader(storage, LocalLogRecordSource(self.log, "raw-events"),
-                                     max_records=8)
+                                     registry, max_records=8)
         self.servers: list[Any] = []
         self.ports: dict[str, int] = {}
 

@@ -1,8 +1,10 @@
 """Issue 8 end to end on a real broker: invalid, overflowing, out-of-range, too-late and
-out-of-retention events, and ids reused across customers and meters, through a real
-``meterline worker`` + output loader and the raw-events stage. Raw totals equal the rollup
-totals readers see (late usage restated into them), and both equal a truth written down
-from what was sent.
+out-of-retention events, events the meter registry refuses (unknown meter, negative
+quantity, undeclared dimension, unique_count without its value), and ids reused across
+customers and meters, through a real ``meterline worker`` + output loader and the
+raw-events stage (with the worker's registry). Raw totals equal the rollup totals readers
+see (late usage restated into them), and both equal a truth written down from what was
+sent; the one difference is an event only a window can refuse (its total overflows).
 
 The truth below is the test's own account of each event (the issue's rules in words:
 ids are scoped to customer and meter, a resend counts once as its first copy, ...),
@@ -24,6 +26,7 @@ import orjson
 import pytest
 
 from meterline.aggregators.outputs_io import OutputLoader, output_topics
+from meterline.config import load_config
 from meterline.ingest.raw_loader import RawEventLoader
 from meterline.ingest.sources import KafkaSource
 from meterline.sinks.raw_events import UsageSummaryQuery
@@ -46,12 +49,16 @@ STALL_S = 60  # no progress for this long fails the test (the machine is shared 
 
 
 def _envelope(batch_id: str, created_ms: int,
-              events: list[tuple[str, str, int | str, int, str | None]]) -> bytes:
+              events: list[tuple[str, str, int | str, int, str | None]],
+              dimensions: list[dict[str, str] | None] | None = None) -> bytes:
     """Raw envelope JSON, so the test can send what the SDK would refuse."""
     customers, meters, quantities, stamps, ids = (list(c) for c in zip(*events, strict=True))
-    return orjson.dumps({"v": 1, "batch_id": batch_id, "created_ms": created_ms,
-                         "count": len(events), "customer": customers, "meter": meters,
-                         "quantity": quantities, "timestamp_ms": stamps, "id": ids})
+    doc: dict[str, Any] = {"v": 1, "batch_id": batch_id, "created_ms": created_ms,
+                           "count": len(events), "customer": customers, "meter": meters,
+                           "quantity": quantities, "timestamp_ms": stamps, "id": ids}
+    if dimensions is not None:
+        doc["dimensions"] = dimensions
+    return orjson.dumps(doc)
 
 
 def _lag(bootstrap: str, topic: str, group: str) -> int:
@@ -113,11 +120,19 @@ def test_raw_totals_equal_rollup_totals_plus_late(
         _envelope("r4", now, [("acme", "llm_tokens", 13 * UNIT, now - 5 * HOUR_MS, None),
                               ("acme", "llm_tokens", 17 * UNIT, now - 40 * DAY_MS, None),
                               ("acme", "llm_tokens", 19 * UNIT, now - 500 * DAY_MS, None)]),
+        # what the default meter registry refuses (default_meters.toml), around a valid one
+        _envelope("r5", now, [("acme", "mystery_meter", 23 * UNIT, on_time, None),
+                              ("acme", "llm_tokens", -29 * UNIT, on_time, None),
+                              ("acme", "llm_tokens", 31 * UNIT, on_time, None),
+                              ("acme", "active_users", UNIT, on_time, None),
+                              ("acme", "active_users", UNIT, on_time, None),
+                              ("epsilon", "llm_tokens", 37 * UNIT, on_time, None)],
+                  [None, None, {"region": "eu"}, None, {"user_id": ""}, {"model": "m"}]),
     ]
     # What counts, per (customer, meter), in units - from the list above:
     counted = Counter({("acme", "llm_tokens"): 5 + 3, ("acme", "compute_seconds"): 7,
                        ("beta", "llm_tokens"): 11, ("gamma", "llm_tokens"): 2,
-                       ("delta", "llm_tokens"): 3})
+                       ("delta", "llm_tokens"): 3, ("epsilon", "llm_tokens"): 37})
     counted_nanos = {k: v * UNIT for k, v in counted.items()}
     counted_nanos[("beta", "compute_seconds")] = UNIT // 2
     late_recent = {("acme", "llm_tokens"): 13 * UNIT}  # within raw retention
@@ -141,7 +156,8 @@ def test_raw_totals_equal_rollup_totals_plus_late(
     for stage_topics, make in (
             (list(output_topics(topic).values()),
              lambda s: OutputLoader(migrated_storage, s)),
-            ([topic], lambda s: RawEventLoader(migrated_storage, s))):
+            ([topic], lambda s: RawEventLoader(migrated_storage, s,
+                                               load_config(env=env).registry()))):
         source = KafkaSource(kafka_broker.bootstrap, stage_topics, f"{group}-{len(stage_topics)}")
         try:
             make(source).run(until_idle_s=5)
@@ -171,14 +187,16 @@ def test_raw_totals_equal_rollup_totals_plus_late(
     assert raw == dict(expected_raw)
     assert Counter(raw) == Counter(rollups)
 
-    # every event that counts nowhere is visible with its reason
+    # every event that counts nowhere is visible with its reason, the same in both stages
+    # but for what only one can see: a window's total (rollup) and raw_events' retention
+    refused = {"event.missing_customer": 1, "event.unknown_meter": 2,
+               "event.quantity_out_of_range": 1, "event.timestamp_out_of_range": 3,
+               "event.negative_quantity": 1, "event.dimension_not_allowed": 1,
+               "event.missing_unique_value": 2}
     assert DeadLetterCountsQuery(stage="raw", database=db).run(migrated_storage) == {
-        "event.missing_customer": 1, "event.bad_meter": 1, "event.quantity_out_of_range": 1,
-        "event.timestamp_out_of_range": 3, "event.outside_retention": 2}
+        **refused, "event.outside_retention": 2}
     assert DeadLetterCountsQuery(stage="rollup", database=db).run(migrated_storage) == {
-        "event.missing_customer": 1, "event.unknown_meter": 1,
-        "event.quantity_out_of_range": 1, "event.timestamp_out_of_range": 3,
-        "event.window_total_out_of_range": 1}
+        **refused, "event.window_total_out_of_range": 1}
     assert DeadLetterCountsQuery(stage="load", database=db).run(migrated_storage) == {
         "event.outside_retention": 1}  # too late and past the late table's 400 days
     all_late = LateEventsQuery(database=db).run(migrated_storage)[("acme", "llm_tokens")]

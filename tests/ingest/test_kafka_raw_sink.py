@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from meterline.config import AppConfig
 from meterline.ingest.raw_loader import RawEventLoader
 from meterline.ingest.sources import KafkaSource
 from meterline.sdk import Emitter, EmitterConfig
@@ -38,7 +39,7 @@ def test_kafka_to_clickhouse_raw_events_exact(kafka_broker: Any, kafka_topic: An
     poison.flush(10)
 
     source = KafkaSource(kafka_broker.bootstrap, topic, "raw-test")
-    loader = RawEventLoader(migrated_storage, source)
+    loader = RawEventLoader(migrated_storage, source, AppConfig().registry())
     try:
         deadline = time.monotonic() + 120
         while loader.totals.events < n or loader.totals.dead_letters < 1:

@@ -4,12 +4,15 @@ from typing import Any
 
 import orjson
 
+from meterline.config import AppConfig
 from meterline.core.envelope import Batch, encode_batch
+from meterline.core.meters import MeterRegistry
 from meterline.ingest.raw_loader import RawEventLoader, build_rows
 from meterline.ingest.sources import SourceRecord
 from meterline.sinks.raw_events import UsageSummaryQuery
 
 NOW = 1_790_000_000_000
+REGISTRY = AppConfig().registry()  # the default meters, as `meterline worker` runs them
 
 
 def _record(offset: int, payload: bytes, partition: int = 0) -> SourceRecord:
@@ -50,13 +53,13 @@ def test_garbage_records_become_dead_letters_with_reasons() -> None:
         _record(1, orjson.dumps({"v": 99})),
         _record(2, _batch("b1", ["acme", "", "beta"], ["api_calls", "api_calls", "Bad Meter"])),
     ]
-    rows, dead, counters = build_rows(records, NOW)
+    rows, dead, counters = build_rows(records, NOW, REGISTRY)
     assert list(rows.customer) == ["acme"]
     assert list(rows.event_id) == ["b1-0"]
     assert counters.dead_letters == 4
     assert sorted(counters.by_reason) == [
-        "envelope.malformed_json", "envelope.unsupported_version", "event.bad_meter",
-        "event.missing_customer",
+        "envelope.malformed_json", "envelope.unsupported_version", "event.missing_customer",
+        "event.unknown_meter",
     ]
     assert all(r for r in dead.reason)
     assert dead.payload[0] == b"\x00\xffnot json", "the original bytes are kept for replay"
@@ -75,7 +78,7 @@ def test_dead_letters_carry_the_record_timestamp_and_collapse_on_replay(
                SourceRecord("usage", 0, 1, _batch("b1", ["acme", ""], ts=now - 60_000),
                             timestamp_ms=now - 4_000)]
     for step in range(3):  # replays, each at a later loader clock
-        loader = RawEventLoader(migrated_storage, ListSource(records),
+        loader = RawEventLoader(migrated_storage, ListSource(records), REGISTRY,
                                 clock_ms=lambda s=step: now + s)
         while loader.run_once().records:
             pass
@@ -89,7 +92,8 @@ def test_replayed_records_are_counted_once(migrated_storage: Any) -> None:
     now = _now_ms()
     records = [_record(i, _batch(f"b{i}", ["acme", "beta"], ts=now - 60_000)) for i in range(5)]
     for _ in range(3):  # the same records delivered three times (crash before commit, replay)
-        loader = RawEventLoader(migrated_storage, ListSource(records), clock_ms=lambda: now)
+        loader = RawEventLoader(migrated_storage, ListSource(records), REGISTRY,
+                                clock_ms=lambda: now)
         while loader.run_once().records:
             pass
     summary = UsageSummaryQuery(database=migrated_storage.database).run(migrated_storage)
@@ -101,7 +105,7 @@ def test_replayed_records_are_counted_once(migrated_storage: Any) -> None:
 def test_commit_happens_after_insert(migrated_storage: Any) -> None:
     now = _now_ms()
     source = ListSource([_record(0, _batch("only", ["acme"], ts=now - 1_000)), _record(1, b"{")])
-    loader = RawEventLoader(migrated_storage, source, clock_ms=lambda: now)
+    loader = RawEventLoader(migrated_storage, source, REGISTRY, clock_ms=lambda: now)
     step = loader.run_once()
     assert step.records == 2 and step.events == 1 and step.dead_letters == 1
     assert [r.offset for r in source.committed] == [0, 1]
@@ -154,7 +158,7 @@ def test_one_bad_event_is_a_dead_letter_and_the_rest_of_the_poll_lands(
                                               now), timestamp_ms=now),
     ]
     source = ListSource(records)
-    loader = RawEventLoader(migrated_storage, source, clock_ms=lambda: now)
+    loader = RawEventLoader(migrated_storage, source, REGISTRY, clock_ms=lambda: now)
     step = loader.run_once()
     assert [r.offset for r in source.committed] == [0, 1, 2]
     assert (step.events, step.dead_letters) == (4, 5)
@@ -188,9 +192,129 @@ def test_both_stages_write_a_rejected_event_alike() -> None:
     proc = PartitionProcessor("usage", 0, registry)
     proc.process(record)
     [rollup_dead] = proc.take_flush().dead_letters
-    _, raw_dead, _ = build_rows([record], NOW)
+    _, raw_dead, _ = build_rows([record], NOW, registry)
     assert raw_dead.reason == [rollup_dead.reason] == ["event.missing_customer"]
     assert raw_dead.payload == [rollup_dead.payload]
     assert orjson.loads(rollup_dead.payload) == {
         "id": "my-id", "customer": "", "meter": "api_calls", "quantity": "0.1",
         "timestamp_ms": NOW - 5, "dimensions": {"region": "eu"}}
+
+
+# ------------------------------------------- issue 8 item 3: the raw stage's meter rules
+
+RULES = MeterRegistry.from_mapping({"meters": {
+    "tokens": {"aggregation": "sum", "dimensions": ["model"]},
+    "credits": {"aggregation": "sum", "allow_negative": True},
+    "users": {"aggregation": "unique_count", "value_property": "user_id",
+              "dimensions": ["user_id", "region"]},
+}})
+HOUR = 3_600_000
+# (customer, meter, nanos, timestamp_ms, dimensions, what the issue's rules say of it)
+RULE_CASES: list[tuple[str, str, int, int, dict[str, str] | None, str | None]] = [
+    ("acme", "tokens", 5 * 10**9, NOW - 60_000, {"model": "m1"}, None),
+    ("acme", "mystery", 10**9, NOW - 60_000, None, "unknown_meter"),
+    ("acme", "tokens", -(10**9), NOW - 60_000, None, "negative_quantity"),
+    ("acme", "credits", -3 * 10**9, NOW - 60_000, None, None),  # this meter allows it
+    ("acme", "tokens", 10**9, NOW - 60_000, {"region": "eu"}, "dimension_not_allowed"),
+    ("acme", "users", 10**9, NOW - 60_000, None, "missing_unique_value"),
+    ("acme", "users", 10**9, NOW - 60_000, {"user_id": ""}, "missing_unique_value"),
+    ("acme", "users", 10**9, NOW - 60_000, {"region": "eu"}, "missing_unique_value"),
+    ("acme", "users", 10**9, NOW - 60_000, {"user_id": "u1", "region": "eu"}, None),
+    ("acme", "users", 10**9, NOW - 60_000, {"user_id": "u2", "model": "x"},
+     "dimension_not_allowed"),
+    # two faults: the stage names the same one the fold does
+    ("", "mystery", 10**9, NOW - 60_000, None, "unknown_meter"),
+    ("", "tokens", -(10**9), NOW - 60_000, None, "missing_customer"),
+    ("acme", "tokens", -(10**9), NOW + HOUR, None, "timestamp_out_of_range"),
+    ("acme", "credits", -(10**48), NOW - 60_000, None, "quantity_out_of_range"),
+    ("beta", "tokens", 7 * 10**9, NOW - 30_000, None, None),
+]
+
+
+def _rule_record() -> SourceRecord:
+    customers, meters, nanos, stamps, dims, _ = (list(c) for c in zip(*RULE_CASES, strict=True))
+    batch = Batch("rules", NOW, customers, meters, nanos, stamps, dimensions=dims)
+    return SourceRecord("usage", 0, 0, encode_batch(batch), NOW)
+
+
+def test_raw_stage_applies_each_meter_rule_with_the_folds_reason() -> None:
+    """Old code had no registry: the unknown meter, the negative quantity, the undeclared
+    dimensions and the unique_count events without a value all landed in raw_events while
+    the fold dead-lettered them, so raw totals exceeded rollup totals."""
+    from meterline.aggregators.processor import PartitionProcessor
+
+    record = _rule_record()
+    rows, dead, counters = build_rows([record], NOW, RULES)
+    raw_dead = sorted(zip(dead.position, dead.reason, strict=True))
+    # The truth in words (RULE_CASES' last column), not a call into either stage...
+    assert raw_dead == [(i, "event." + why) for i, (*_, why) in enumerate(RULE_CASES) if why]
+    assert set(dead.stage) == {"raw"}
+    # ...and the fold itself, run on the same record, refuses exactly these, alike.
+    proc = PartitionProcessor("usage", 0, RULES)
+    proc.process(record)
+    fold_dead = sorted((d.position, d.reason) for d in proc.take_flush().dead_letters)
+    assert raw_dead == fold_dead
+    kept = [i for i, (*_, why) in enumerate(RULE_CASES) if why is None]
+    assert list(rows.position) == kept
+    assert list(rows.quantity_nano) == [RULE_CASES[i][2] for i in kept]
+    assert counters.events == len(kept) and counters.dead_letters == len(raw_dead)
+
+
+def test_raw_and_rollup_stages_count_the_same_usage(migrated_storage: Any) -> None:
+    """Raw totals per (customer, meter) equal the fold's totals for the same records."""
+    from meterline.aggregators.processor import PartitionProcessor
+
+    now = _now_ms()
+    shift = now - NOW
+    customers, meters, nanos, stamps, dims, _ = (list(c) for c in zip(*RULE_CASES, strict=True))
+    batch = Batch("rules", now, customers, meters, nanos, [t + shift for t in stamps],
+                  dimensions=dims)
+    record = SourceRecord("usage", 0, 0, encode_batch(batch), now)
+    loader = RawEventLoader(migrated_storage, ListSource([record]), RULES, clock_ms=lambda: now)
+    loader.run_once()
+    raw = {(r.customer, r.meter): (r.events, r.quantity_nano)
+           for r in UsageSummaryQuery(database=migrated_storage.database).run(migrated_storage)}
+    proc = PartitionProcessor("usage", 0, RULES)
+    proc.process(record)
+    folded: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in proc.take_flush().rollups:
+        if r.window == "hourly":  # the events may straddle an hour: add the hours up
+            events, total = folded.get((r.customer, r.meter), (0, 0))
+            folded[(r.customer, r.meter)] = (events + r.events, total + r.value_nanos)
+    # unique_count's value is distinct users, not a quantity: compare its event count only
+    assert raw.pop(("acme", "users"))[0] == folded.pop(("acme", "users"))[0] == 1
+    assert raw == folded == {("acme", "tokens"): (1, 5 * 10**9),
+                             ("acme", "credits"): (1, -3 * 10**9),
+                             ("beta", "tokens"): (1, 7 * 10**9)}
+
+
+def test_meterline_usage_does_not_list_dead_lettered_events(
+        migrated_storage: Any, monkeypatch: Any, capsys: Any) -> None:
+    """issue 11: `meterline usage` listed an unknown meter's events as usage."""
+    import meterline.sinks.storage as storage_mod
+    from meterline.demo import print_usage
+
+    now = _now_ms()
+    payload = encode_batch(Batch("u", now, ["acme"] * 3, ["llm_tokens", "no_such_meter",
+                                                          "llm_tokens"],
+                                 [2 * 10**9, 10**9, -(10**9)], [now - 3, now - 2, now - 1]))
+    loader = RawEventLoader(migrated_storage, ListSource([SourceRecord("usage", 0, 0, payload,
+                                                                       now)]),
+                            REGISTRY, clock_ms=lambda: now)
+    assert loader.run_once().by_reason == {"event.unknown_meter": 1,
+                                           "event.negative_quantity": 1}
+
+    class Unclosed:  # print_usage closes what it opened; the fixture owns this one
+        def __getattr__(self, name: str) -> Any:
+            return getattr(migrated_storage, name)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(storage_mod, "open_storage", lambda _cfg: Unclosed())
+    config = AppConfig()
+    print_usage(config, "acme", None)
+    out = capsys.readouterr().out
+    assert "no_such_meter" not in out
+    [line] = [ln for ln in out.splitlines() if ln.startswith("llm_tokens")]
+    assert line.split()[1:] == ["1", "2"]  # one event, 2 tokens: the negative one is out
