@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency list changes (idempotent, uses pip's cache).
 STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka prometheus lint bench bench-e2e bench-rollups bench-state clean
+.PHONY: demo test install kafka prometheus stripe-mock chromium docker-compose lint bench bench-e2e bench-rollups bench-state bench-export clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,20 @@ kafka:
 prometheus:
 	bash tools/prometheus/install.sh
 
-test: $(STAMP) kafka prometheus
+# stripe-mock (Go module, `go install`) for the Stripe export tests (skips when built).
+stripe-mock:
+	bash tools/stripe-mock/install.sh
+
+# headless Chromium from Debian for the usage page test (skips when present).
+chromium:
+	bash tools/chromium/install.sh
+
+# docker-compose from Debian: `docker-compose config` validates docker-compose.yml with no
+# Docker daemon (tests/test_docker.py; skips when present).
+docker-compose:
+	bash tools/docker-compose/install.sh
+
+test: $(STAMP) kafka prometheus stripe-mock chromium docker-compose
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: $(STAMP)
@@ -45,6 +58,10 @@ bench-rollups: $(STAMP) kafka
 
 bench-state: $(STAMP)
 	$(BIN)/python benchmarks/checkpoint_state.py
+
+# invoicing export (issue 10): items/s to the local signed-webhook receiver (docs/export.md)
+bench-export: $(STAMP)
+	$(BIN)/python benchmarks/export_throughput.py
 
 clean:
 	rm -rf $(VENV) .cache var .meterline-spool

@@ -310,7 +310,9 @@ def run_anomalies(config: Any, settings_path: Path | None = None) -> None:
 
         serve([AnomalyCollector(app.meterline_worker, sender)], endpoint)
     try:
-        faust.Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()
+        # Quiet by default (issue 11): Faust's INFO lines only with `meterline -v`.
+        level = "INFO" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "WARNING"
+        faust.Worker(app, loglevel=level, quiet=True).execute_from_commandline()
     finally:
         if sender is not None:
             sender.close()

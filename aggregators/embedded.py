@@ -17,6 +17,11 @@ committed too, so ``LocalLog.committed`` always says where a restart resumes.
 A crash (kill -9) at any point loses nothing and counts nothing twice: the restart restores
 the last checkpoints, re-reads the records after them and writes identical rows again.
 
+The anomaly detectors ride on the same loop when asked (``anomalies=``; on by default in
+``meterline rollup-local``): the rows of each flush feed them inside the write and their
+state is saved inside the same checkpoint save, so kill -9 neither loses nor duplicates an
+episode event (``anomaly_embedded.py``).
+
 ``python -m meterline.aggregators.embedded --log L --data-dir D --checkpoint C`` runs it
 against an embedded chDB; ``meterline rollup-local`` runs it against the configured storage.
 """
@@ -35,6 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meterline.aggregators.anomaly_config import AnomalyStageConfig, load_anomaly_config
+from meterline.aggregators.anomaly_embedded import (
+    CheckpointingStore,
+    EmbeddedAnomalies,
+    FeedingWriter,
+    StorageEventWriter,
+)
 from meterline.aggregators.checkpoints import CheckpointStore, SqliteCheckpointStore
 from meterline.aggregators.log_probe import LocalLogProbe
 from meterline.aggregators.outputs_io import StorageWriter
@@ -95,13 +107,21 @@ class EmbeddedRollups:
                  settings: RollupSettings | None = None, topic: str = DEFAULT_TOPIC,
                  max_records: int = 64, flush_interval_s: float = 0.5,
                  checkpoint_interval_s: float = 5.0, idle_sleep_s: float = 0.05,
-                 id_store_dir: str | Path | None = None) -> None:
+                 id_store_dir: str | Path | None = None,
+                 anomalies: EmbeddedAnomalies | None = None) -> None:
         self.log = log
         self.group = group
         self.topic = topic
         self.max_records = max_records
         self.idle_sleep_s = idle_sleep_s
         self.source = LocalLogRecordSource(log, consumer=group, topic=topic)
+        self.anomalies = anomalies
+        self._store = store
+        if anomalies is not None:
+            # The detectors ride on the worker's two seams (aggregators/anomaly_embedded.py):
+            # events are written inside each flush's write, their state inside each save.
+            writer = FeedingWriter(writer, anomalies)
+            store = CheckpointingStore(store, anomalies, self._rollup_offsets)
         self.worker = RollupWorker(registry, writer, store, group=group, settings=settings,
                                    flush_interval_s=flush_interval_s,
                                    checkpoint_interval_s=checkpoint_interval_s,
@@ -119,6 +139,8 @@ class EmbeddedRollups:
             return self.start_offsets
         tps = [TopicPartition(self.topic, p) for p in range(self.log.partitions)]
         positions = self.worker.assign(tps)
+        if self.anomalies is not None:
+            self.anomalies.restore(self._store, {tp.partition: positions[tp] for tp in tps})
         start: dict[int, int] = {}
         for tp in tps:
             offset = positions[tp]
@@ -138,6 +160,9 @@ class EmbeddedRollups:
         self._checkpointed = dict(start)
         self.start_offsets = start
         return start
+
+    def _rollup_offsets(self) -> dict[int, int]:
+        return {tp.partition: proc.next_offset for tp, proc in self.worker.processors.items()}
 
     def step(self) -> Step:
         """Poll once, process, flush/checkpoint when due, commit what a checkpoint covers."""
@@ -228,18 +253,28 @@ def run_embedded_rollups(log: LocalLog, storage: Any, registry: MeterRegistry, *
                          stop: Callable[[], bool] | None = None,
                          database: str | None = None,
                          retention: RetentionPolicy | None = None,
-                         metrics: MetricsEndpoint | None = None, **options: Any) -> Counters:
+                         metrics: MetricsEndpoint | None = None,
+                         anomalies: AnomalyStageConfig | None = None,
+                         **options: Any) -> Counters:
     """The embedded rollup stage over ``log`` into ``storage`` (migrated by the caller).
 
     ``retention``: the configured policy (rows past it become dead letters instead of
     vanishing on insert). ``metrics``: serve /metrics there (the same families as
-    ``meterline worker``, with the local log's consumer lag). ``options`` go to
+    ``meterline worker``, with the local log's consumer lag). ``anomalies``: run the
+    anomaly detectors on the rollups (``anomalies`` table, checkpointed with the rollups;
+    ``aggregators/anomaly_embedded.py``); ``None``: no detectors. ``options`` go to
     :class:`EmbeddedRollups` (``max_records``, ``flush_interval_s``, ...)."""
     store = SqliteCheckpointStore(checkpoint_path)
+    sender = None
     try:
         checkpoint_path = Path(checkpoint_path)
         options.setdefault("id_store_dir",
                            checkpoint_path.with_name(checkpoint_path.name + ".ids"))
+        if anomalies is not None:
+            stage, sender = build_detectors(anomalies, storage, database, group,
+                                       settings or RollupSettings(),
+                                       options.get("topic", DEFAULT_TOPIC))
+            options["anomalies"] = stage
         writer = StorageWriter(storage, database=database, retention=retention)
         runner = EmbeddedRollups(log, writer, store,
                                  registry, group=group, settings=settings, **options)
@@ -255,6 +290,26 @@ def run_embedded_rollups(log: LocalLog, storage: Any, registry: MeterRegistry, *
                 server.shutdown()
     finally:
         store.close()
+        if sender is not None:
+            sender.close()
+
+
+def build_detectors(config: AnomalyStageConfig, storage: Any, database: str | None, group: str,
+               rollups: RollupSettings, topic: str) -> tuple[EmbeddedAnomalies, Any]:
+    """The detectors of ``anomalies.toml`` over this runner's flushes (+ its webhook
+    sender, to close after the runner; None without a webhook). Also used by ``serve``."""
+    sender = None
+    on_written = None
+    if config.webhook is not None:
+        from meterline.alerts.webhook import SqliteDeadLetters, WebhookSender
+
+        sender = WebhookSender(config.webhook,
+                               dead_letters=SqliteDeadLetters(config.dead_letters))
+        on_written = sender.submit
+    stage = EmbeddedAnomalies(StorageEventWriter(storage, database), config.detector,
+                              config.feed_settings(rollups), group=group, topic=topic,
+                              on_written=on_written)
+    return stage, sender
 
 
 @contextmanager
@@ -293,15 +348,32 @@ def format_counters(c: Counters) -> str:
 
 
 def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | None = None,
-                     group: str = DEFAULT_GROUP, until_idle_s: float | None = None) -> Counters:
-    """`meterline rollup-local`: the embedded rollup stage against the configured storage."""
+                     group: str = DEFAULT_GROUP, until_idle_s: float | None = None,
+                     anomaly_settings: Path | None = None,
+                     anomalies: bool = True) -> Counters:
+    """`meterline rollup-local`: the embedded rollup stage against the configured storage,
+    with the anomaly detectors of ``anomaly_settings`` (the ``meterline anomalies
+    --settings`` file; built-in defaults without one) unless ``anomalies`` is false."""
     from meterline.core.errors import ConfigError
     from meterline.sinks.schema import migrate
     from meterline.sinks.storage import open_storage
 
+    errors = []
     if not Path(log_path).is_file():
-        raise ConfigError([f"no local log at {log_path}"], "rollup-local")
+        errors.append(f"no local log at {log_path}")
+    if anomaly_settings is not None and not anomalies:
+        errors.append("--anomaly-settings and --no-anomalies contradict each other")
+    if errors:
+        raise ConfigError(errors, "rollup-local")
     registry = config.registry()
+    stage = None
+    if anomalies:  # before anything is opened: a bad file is an error, not a half start
+        stage = load_anomaly_config(anomaly_settings,
+                                    known_meters={m.name for m in registry})
+    # The application's [rollups] settings, as `meterline worker` and `serve` use them
+    # (the detectors' finality rule follows the same lateness).
+    r = config.rollups
+    settings = RollupSettings(r.allowed_lateness_ms, r.watermark_delay_ms, r.dedupe_horizon_ms)
     storage = open_storage(config.storage_config())
     local_log = LocalLog(log_path)
     try:
@@ -310,8 +382,11 @@ def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | Non
             counters = run_embedded_rollups(
                 local_log, storage, registry,
                 checkpoint_path=checkpoint_path or default_checkpoint_path(log_path),
-                group=group, until_idle_s=until_idle_s, stop=stop, database=storage.database,
-                retention=config.retention_policy(), metrics=metrics_endpoint())
+                group=group, settings=settings, until_idle_s=until_idle_s, stop=stop,
+                database=storage.database, retention=config.retention_policy(),
+                metrics=metrics_endpoint(), anomalies=stage,
+                flush_interval_s=r.flush_interval_s,
+                checkpoint_interval_s=r.checkpoint_interval_s)
     finally:
         local_log.close()
         storage.close()
@@ -323,20 +398,29 @@ def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | Non
 # --------------------------------------------------------------------------- module entry
 
 
-def _dump(storage: Any, database: str, path: Path) -> None:
-    """Rollup totals and rollup-stage dead-letter / late counts as JSON (for tests)."""
+def _dump(storage: Any, database: str, path: Path, registry: MeterRegistry) -> None:
+    """Rollup totals, rollup-stage dead-letter / late counts and the anomaly events as JSON
+    (for tests). Totals are read with the registry, as readers with one do: a unique_count
+    window with late events is then re-aggregated from raw events where raw holds exactly
+    its counted events (sinks/rollup_queries.py)."""
+    from meterline.sinks.anomalies import AnomalyCopiesQuery, AnomalyEventsQuery
     from meterline.sinks.rollups import DeadLetterCountsQuery, LateEventsQuery, RollupTotalsQuery
 
     doc: dict[str, Any] = {}
     for granularity in ("hour", "day"):
-        totals = RollupTotalsQuery(granularity, database=database).run(storage)
+        totals = RollupTotalsQuery(granularity, database=database,
+                                   registry=registry).run(storage)
         doc[granularity] = sorted([c, m, start, value]
                                   for (c, m, start), value in totals.items())
     doc["dead_letters"] = DeadLetterCountsQuery(stage="rollup", database=database).run(storage)
     doc["late_events"] = sum(t.events for t in
                              LateEventsQuery(database=database).run(storage).values())
+    doc["anomalies"] = [[e.event_key, e.kind, e.window_start_ms, e.direction, e.severity,
+                         e.observed, e.expected, e.explanation]
+                        for e in AnomalyEventsQuery(0, 2**62, database=database).run(storage)]
+    doc["anomaly_copies"] = AnomalyCopiesQuery(database=database).run(storage)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))  # stdlib json: totals may exceed 64 bits
+    tmp.write_text(json.dumps(doc, default=str))  # stdlib json: totals may exceed 64 bits
     tmp.replace(path)
 
 
@@ -363,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flush-interval", type=float, default=0.5, metavar="SECONDS")
     parser.add_argument("--checkpoint-interval", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--dump", type=Path, help="write rollup totals as JSON at the end")
+    parser.add_argument("--anomaly-settings", type=Path, default=None,
+                        help="anomalies.toml for the detectors (default: built-in defaults)")
+    parser.add_argument("--no-anomalies", action="store_true", help="run no detectors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -372,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.log.exists():
         parser.error(f"no local log at {args.log}")
     registry = MeterRegistry.load(args.meters or _default_meters())
+    stage = None if args.no_anomalies else load_anomaly_config(
+        args.anomaly_settings, known_meters={m.name for m in registry})
     storage = open_storage(StorageConfig(data_dir=str(args.data_dir), database=args.database))
     local_log = LocalLog(args.log)
     try:
@@ -382,10 +471,10 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_path=args.checkpoint or default_checkpoint_path(args.log),
                 group=args.group, until_idle_s=args.until_idle, stop=stop,
                 database=args.database, flush_interval_s=args.flush_interval,
-                checkpoint_interval_s=args.checkpoint_interval)
+                checkpoint_interval_s=args.checkpoint_interval, anomalies=stage)
         print(format_counters(counters), flush=True)
         if args.dump:
-            _dump(storage, args.database, args.dump)
+            _dump(storage, args.database, args.dump, registry)
     finally:
         local_log.close()
         storage.close()

@@ -349,5 +349,8 @@ def run_worker(config: Any) -> None:
     from meterline.logs import logging_config
 
     log_format = os.environ.get("METERLINE_LOG_FORMAT") or "text"
-    faust.Worker(app, loglevel="INFO", quiet=True,
-                 logging_config=logging_config(log_format, "INFO")).execute_from_commandline()
+    # Quiet by default (issue 11): Faust's INFO lines and the checkpoint logs only with
+    # `meterline -v`, which set the root level this reads.
+    level = "INFO" if logging.getLogger().getEffectiveLevel() <= logging.INFO else "WARNING"
+    faust.Worker(app, loglevel=level, quiet=True,
+                 logging_config=logging_config(log_format, level)).execute_from_commandline()

@@ -99,13 +99,31 @@ def run_baseline(data: list[Series], make: Any, resolve: int
     return flags, opens
 
 
+def _labels(s: Series) -> list[str]:
+    """The real-usage traits a series has, each reported apart: its seasonal shape, its
+    trend, whether it steps up (a growth step, not an anomaly), and its noise."""
+    return [
+        f"shape: {s.shape}",
+        "trend: shrinking" if s.growth < 0 else
+        "trend: growing < 40 %" if s.growth < 0.4 else "trend: growing 40-80 %",
+        "level shift: yes" if any(i.kind == "shift" for i in s.injections)
+        else "level shift: no",
+        "noise: sigma < 0.1" if s.noise_sigma < 0.1 else "noise: sigma 0.1-0.2",
+    ]
+
+
 def score(data: list[Series], flags: list[set[int]], opens: list[list[int]],
           resolve: int, days: int) -> dict[str, Any]:
     kinds: dict[str, dict[str, Any]] = {
         k: {"n": 0, "tiny": 0, "tiny_detected": 0, "detected": 0, "delays": [], "tp": 0}
         for k in KINDS}
     tp = fp = fp_shift = aftermath = 0
+    groups: dict[str, dict[str, Any]] = {}
     for s, flagged, opened in zip(data, flags, opens, strict=True):
+        mine = [groups.setdefault(label, {"series": 0, "n": 0, "detected": 0, "tp": 0,
+                                          "fp": 0, "delays": []}) for label in _labels(s)]
+        for shape in mine:
+            shape["series"] += 1
         for inj in s.injections:
             if inj.kind == "shift":
                 continue
@@ -119,26 +137,58 @@ def score(data: list[Series], flags: list[set[int]], opens: list[list[int]],
             if hit:
                 row["detected"] += 1
                 row["delays"].append(hit[0] - inj.start)
+            for shape in mine:
+                shape["n"] += 1
+                if hit:
+                    shape["detected"] += 1
+                    shape["delays"].append(hit[0] - inj.start)
         for t in opened:
             match = next((inj for inj in s.injections if inj.kind != "shift"
                           and inj.start <= t <= inj.end + resolve), None)
             if match is not None:
                 tp += 1
                 kinds[match.kind]["tp"] += 1
+                for shape in mine:
+                    shape["tp"] += 1
                 continue
             if any(inj.kind != "shift" and inj.end < t <= inj.end + AFTERMATH
                    for inj in s.injections):
                 aftermath += 1  # e.g. usage falling back after a ramp the detector followed
                 continue
             fp += 1
+            for shape in mine:
+                shape["fp"] += 1
             fp_shift += any(inj.kind == "shift" and inj.start <= t < inj.start + SHIFT_GRACE
                             for inj in s.injections)
     series_days = len(data) * (days - WARMUP // 24)
+    detected = sum(r["detected"] for r in kinds.values())
+    incidents = sum(r["n"] for r in kinds.values())
+    precision_all = tp / (tp + fp) if tp + fp else 0.0
+    recall_all = detected / incidents if incidents else 0.0
     out: dict[str, Any] = {
         "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+        "recall": round(recall_all, 4),
+        "f1": round(2 * precision_all * recall_all / (precision_all + recall_all), 4)
+        if precision_all + recall_all else None,
         "true_episodes": tp, "false_episodes": fp, "false_at_growth_steps": fp_shift,
         "aftermath_episodes": aftermath,
         "false_per_1000_series_days": round(1000 * fp / series_days, 3), "kinds": {}}
+    out["shapes"] = {}
+    for name, row in sorted(groups.items()):
+        delays = sorted(row.pop("delays"))
+        precision = row["tp"] / (row["tp"] + row["fp"]) if row["tp"] + row["fp"] else None
+        recall = row["detected"] / row["n"] if row["n"] else None
+        days_after = row["series"] * (days - WARMUP // 24)
+        out["shapes"][name] = {
+            **row,
+            "precision": None if precision is None else round(precision, 4),
+            "recall": None if recall is None else round(recall, 4),
+            "f1": round(2 * precision * recall / (precision + recall), 4)
+            if precision and recall else None,
+            "median_delay": statistics.median(delays) if delays else None,
+            "false_per_1000_series_days": round(1000 * row["fp"] / days_after, 3)
+            if days_after else None,
+        }
     for kind, row in kinds.items():
         delays = sorted(row.pop("delays"))
         n = row["n"]
@@ -226,7 +276,8 @@ def _table(summary: dict[str, Any]) -> str:
              f"{summary['series_days']} series-days after warm-up", ""]
     head = f"{'':<28}" + "".join(f"{n:>20}" for n in names)
     lines.append(head)
-    for label, key in (("precision", "precision"), ("false / 1000 series-days",
+    for label, key in (("precision", "precision"), ("recall (all kinds)", "recall"),
+                       ("F1", "f1"), ("false / 1000 series-days",
                                                      "false_per_1000_series_days"),
                        ("false episodes", "false_episodes"),
                        ("  of which at growth steps", "false_at_growth_steps"),
@@ -246,6 +297,16 @@ def _table(summary: dict[str, Any]) -> str:
                         else str(row[key]))
                 cells.append(f"{cell:>20}")
             lines.append(f"{label:<28}" + "".join(cells))
+    lines += ["", "per trait (all incident kinds; precision over those series' episodes):"]
+    lines.append(f"{'':<28}" + "".join(f"{n:>20}" for n in names))
+    for shape in summary["detectors"][names[0]]["shapes"]:
+        first = summary["detectors"][names[0]]["shapes"][shape]
+        lines.append(f"{shape} ({first['series']} series, {first['n']} incidents)")
+        for label, key in (("  precision", "precision"), ("  recall", "recall"),
+                           ("  F1", "f1"), ("  median delay", "median_delay"),
+                           ("  false / 1000 series-days", "false_per_1000_series_days")):
+            lines.append(f"{label:<28}" + "".join(
+                f"{summary['detectors'][n]['shapes'][shape][key]!s:>20}" for n in names))
     speed = summary["throughput"]
     lines += ["", f"throughput: {speed['updates_per_s']:,} series updates/s "
               f"({speed['updates']:,} in {speed['seconds']} s, one process; "

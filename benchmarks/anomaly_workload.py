@@ -55,6 +55,8 @@ class Series:
     shape: str
     values: list[float]
     injections: list[Injection] = field(default_factory=list)
+    noise_sigma: float = 0.0  # of the multiplicative Student-t(5) noise
+    growth: float = 0.0  # trend over the whole run (0.5: +50 %), growth steps aside
 
 
 def _profiles(rng: random.Random, shape: str) -> tuple[list[float], list[float], float]:
@@ -138,7 +140,7 @@ def make_series(index: int, days: int, seed: int, min_abs: float) -> Series:
                         * (weekend_factor if weekend_day else 1.0))
     norm = sum(shape_of) / len(shape_of)
     shape_of = [v / norm for v in shape_of]
-    series = Series(index, shape, [])
+    series = Series(index, shape, [], noise_sigma=sigma, growth=growth * n)
     multiplier = [1.0] * n  # incidents (spike, ramp, drop)
     grown = [1.0] * n  # growth steps
     taken: list[tuple[int, int]] = []

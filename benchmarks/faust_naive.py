@@ -122,12 +122,20 @@ def run_naive(
     compression: str = "none",
     timeout_s: float | None = None,
     bootstrap: str | None = None,
+    topic: str | None = None,
+    expected_quantity: int | None = None,
 ) -> dict[str, Any]:
     """Run the naive Faust baseline on ``events`` events; returns the measured counters.
 
     ``bootstrap`` reuses a running broker instead of starting one. ``compression`` is the
     producer's codec: aiokafka decodes lz4/zstd/snappy only when ``cramjam`` is installed.
+    ``topic`` (with ``bootstrap`` and ``expected_quantity``): read an existing topic of
+    exactly ``events`` JSON events with at least these fields instead of producing random
+    ones (benchmarks/e2e_rollups.py: the same events its other peers read); the stored
+    total must then equal ``expected_quantity``.
     """
+    if topic is not None and (bootstrap is None or expected_quantity is None):
+        raise ValueError("topic needs bootstrap and expected_quantity")
     from meterline.testing.kafka import KafkaBroker
 
     if events <= 0:
@@ -141,9 +149,11 @@ def run_naive(
             broker = KafkaBroker(tmp / "kafka", partitions=partitions).start()
             bootstrap = broker.bootstrap
         try:
-            topic = f"naive-usage-{uuid.uuid4().hex[:8]}"
-            _create_topic(bootstrap, topic, partitions, broker)
-            expected_quantity, produce_s = _produce(bootstrap, topic, events, compression)
+            produce_s = 0.0
+            if topic is None:
+                topic = f"naive-usage-{uuid.uuid4().hex[:8]}"
+                _create_topic(bootstrap, topic, partitions, broker)
+                expected_quantity, produce_s = _produce(bootstrap, topic, events, compression)
             result = _run_worker(tmp, bootstrap, topic, events, timeout_s)
         finally:
             if broker is not None:

@@ -8,10 +8,20 @@ then times ``meterline.rating.stage.rate`` for the month, twice (the second run 
 the same rows), and prints where the time goes:
 
 - plan: segments and usage requests per subscription (pure Python);
-- read: the quantity queries (one per aggregation and time range);
-- price: the core prices every line and writes its explanation (pure Python);
+- read: the quantity queries (per time range one for sum, count and max together, one per
+  other aggregation);
+- price: the core prices every line (pure Python; ``Price.rate_line``, no explanation);
 - compare: reading the current lines back (tombstones, closed periods);
 - write: one insert of every line into ``rated_usage``.
+
+Each phase is reported in wall and CPU seconds (this process, chDB's threads included): on
+a shared machine the CPU figure is the steadier one.
+
+Results must not change with the code's speed: the last two lines print a digest of every
+rated line (as Python sees it) and of every ``rated_usage`` row. To compare with older
+code, run this same script with that code first on ``PYTHONPATH`` (for example a
+``git archive`` of the previous commit, with ``sinks/`` etc. linked in as
+``meterline/sinks``) at the same ``--subscriptions``, and compare the digests.
 
     python benchmarks/rating_month.py                    # 100,000 subscriptions
     python benchmarks/rating_month.py --subscriptions 2000   # a small run (tests use this)
@@ -20,6 +30,7 @@ the same rows), and prints where the time goes:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -86,6 +97,30 @@ def _load_usage(storage: Any, n: int, month_ms: int, days: int) -> None:
         {"n": n, "m": month_ms, "rows": n * 10})
 
 
+def _lines_digest(lines: list[Any]) -> str:
+    """Every field of every line as Python sees it (a Decimal's exponent included, so
+    66.00 and 66.0 differ), in the order ``rate`` returns them."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(repr(line).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _table_digest(storage: Any) -> str:
+    """Row count and an order-independent hash of every stored ``rated_usage`` row, all
+    columns but ``rated_at_ms`` (the wall-clock stamp of the run)."""
+    table = f"{storage.database}.rated_usage"
+    cols = [str(r[0]) for r in storage.query_rows(
+        "SELECT name FROM system.columns WHERE database = {db:String} AND table = 'rated_usage' "
+        "AND name != 'rated_at_ms' AND default_kind != 'EPHEMERAL' ORDER BY position",
+        {"db": storage.database})]
+    (count, digest), = storage.query_rows(
+        f"SELECT count(), hex(sipHash128(arraySort(groupArray(sipHash128({', '.join(cols)})))))"
+        f" FROM {table}")
+    return f"{int(count):,} rows, {str(digest)[:16].lower()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subscriptions", type=int, default=100_000)
@@ -149,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
           f"subscriptions into the event log {ledger_s:.1f}s")
     for label, seconds, cpu_s, result in (("first run", first_s, first_cpu, first),
                                           ("re-run", second_s, second_cpu, second)):
-        parts = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+        cpu_parts = getattr(result, "cpu_seconds", {})  # absent in code before it
+        parts = ", ".join(f"{k} {v:.1f}s" + (f" ({cpu_parts[k]:.1f}s CPU)" if k in cpu_parts
+                                             else "")
+                          for k, v in result.seconds.items())
         print(f"  {label}: {seconds:.1f}s wall, {cpu_s:.1f}s CPU (this process, chDB "
               f"included) ({n / seconds:,.0f} subscriptions/s): {parts}")
     print("  quantity queries (aggregation, range days, requests, seconds):")
@@ -162,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({os.cpu_count()} cores)")
     total = sum((x.amount for x in first.lines), Decimal(0))
     print(f"  invoice total {total:,} USD; llm_tokens rated = rollups ({rated:,})")
+    # Exactness check across code changes: run this with the old code (e.g. `git archive`
+    # of the previous commit on PYTHONPATH) and compare these two lines.
+    print(f"  digest of rated lines (Python, repr): {_lines_digest(first.lines)}")
+    print(f"  digest of rated_usage rows (table, both runs): {_table_digest(storage)}")
     storage.close()
     shutil.rmtree(data_dir, ignore_errors=True)
     return 0

@@ -1,31 +1,52 @@
 """HTTP ingest throughput and latency: a real `meterline serve` process, a real HTTP client
 (aiohttp, keep-alive connections) over loopback.
 
-    .venv/bin/python benchmarks/server_ingest.py                # full size
+    .venv/bin/python benchmarks/server_ingest.py                # both pipelines, A/B
     .venv/bin/python benchmarks/server_ingest.py --quick        # smoke size
+    .venv/bin/python benchmarks/server_ingest.py --pipeline kafka --loads singles \
+        --variants uncoalesced,after --baseline uncoalesced  # coalescing A/B
 
-Measures, against one embedded server (local log + raw and rollup stages running in the
-same process, as shipped):
+Pipelines (--pipeline, default both):
+- embedded: local log + raw and rollup stages (chDB) running in the server process, as
+  shipped. A request returns once its events are committed to the local log.
+- kafka: `[server] pipeline = "kafka"` against a real Apache Kafka (KRaft, loopback, the
+  tests' ``meterline.testing.kafka.KafkaBroker``); no stage runs in the server process.
+  A request returns once Kafka acknowledged its events (acks=all).
+Each pipeline is measured in variants (--variants), one server process each, in the same
+run, so their ratios mean something on a shared machine:
+- before: the per-event path and CPython's GC defaults (``METERLINE_SERVER_FASTPATH=0``,
+  ``METERLINE_SERVER_GC=default``), i.e. the server as it was;
+- fast: the columnar batch fast path (server/fastpath.py), GC defaults;
+- uncoalesced: the fast path and the serving GC settings (server/gc_tuning.py), but in
+  Kafka mode each request its own envelope and produce (``METERLINE_SERVER_COALESCE=0``);
+- after: as shipped: fast path, GC settings, and in Kafka mode the requests queued while
+  the writer's sender thread was busy share envelopes and produce calls (writers.py).
+``--baseline`` picks the variant the ratios are against (default before).
+Besides rates, the server's own CPU time per event (or per request) is reported, from
+/proc: less disturbed by other load than wall-clock rates are.
+
+Loads:
 - batches: CloudEvents batches (application/cloudevents-batch+json) and native envelopes
-  of --batch-size events; events/s, and p50/p99 of the request latency. A request is
-  counted when it returned 204/200, i.e. when its events are committed to the local log.
+  of --batch-size events; events/s, and p50/p99 of the request latency (204/200 only).
 - single events: one CloudEvent per request; requests/s, p50/p99.
-The client runs in this process on the same 2-core machine as the server (and the server's
-own pipeline threads), so the figures are a lower bound of what the server alone does.
+The client runs in this process on the same 2-core machine as the server (and the
+broker, in kafka mode), so the figures are a lower bound of what the server alone does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -34,20 +55,40 @@ from meterline.core.envelope import Batch, encode_batch
 CLI = [sys.executable, "-m", "meterline.cli"]
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[str], str, str]:
+VARIANTS = {"before": {"METERLINE_SERVER_FASTPATH": "0", "METERLINE_SERVER_GC": "default",
+                       "METERLINE_SERVER_COALESCE": "0"},
+            "fast": {"METERLINE_SERVER_FASTPATH": "1", "METERLINE_SERVER_GC": "default",
+                     "METERLINE_SERVER_COALESCE": "0"},
+            "uncoalesced": {"METERLINE_SERVER_FASTPATH": "1", "METERLINE_SERVER_GC": "tuned",
+                            "METERLINE_SERVER_COALESCE": "0"},
+            "after": {"METERLINE_SERVER_FASTPATH": "1", "METERLINE_SERVER_GC": "tuned",
+                      "METERLINE_SERVER_COALESCE": "1"}}
+LOADS = ("cloudevents", "native", "singles")
+
+
+def start_server(workdir: Path, *, kafka: tuple[str, str] | None, variant: str
+                 ) -> tuple[subprocess.Popen[str], str, str]:
+    """``kafka``: (bootstrap, topic) for the Kafka pipeline; None for the embedded one."""
+    workdir.mkdir(parents=True)
     config = workdir / "meterline.toml"
-    config.write_text(f'[storage]\ndata_dir = "{workdir / "chdb"}"\n[server]\nport = 0\n'
-                      "max_pending_events = 2000000\n")
+    text = (f'[storage]\ndata_dir = "{workdir / "chdb"}"\n[server]\nport = 0\n'
+            "max_pending_events = 2000000\n")
+    if kafka is not None:
+        text += (f'pipeline = "kafka"\n[kafka]\nbootstrap_servers = "{kafka[0]}"\n'
+                 f'topic = "{kafka[1]}"\n')
+    config.write_text(text)
     made = subprocess.run([*CLI, "keys", "create", "--tenant", "bench", "--scope", "ingest",
                            "--config", str(config)], capture_output=True, text=True,
                           check=True)
     key = made.stdout.strip()
     proc = subprocess.Popen([*CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **VARIANTS[variant]})
     assert proc.stdout is not None
     for line in proc.stdout:
         if "listening on " in line:
+            # Keep draining its output, so a chatty server never blocks on a full pipe.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, line.split("listening on ", 1)[1].split()[0], key
     raise SystemExit("server did not start")
 
@@ -101,49 +142,127 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) the process used so far (Linux /proc).
+    Less disturbed by other load on a shared machine than wall-clock rates."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Load:
+    name: str
+    unit: str  # "events" or "requests"
+    count: int
+    rate: float
+    latencies: list[float]
+    server_cpu_us: float  # server CPU per unit
+
+
+def measure(url: str, key: str, pid: int, args: argparse.Namespace, now_ms: int
+            ) -> list[Load]:
+    """Each load against one running server."""
+    size = args.batch_size
+    loads: list[tuple[str, str, str, list[bytes], int, str]] = []
+    for n, (load, name, path, ctype, make) in enumerate((
+        ("cloudevents", "cloudevents batch", "/api/v1/events",
+         "application/cloudevents-batch+json", cloudevents_batch),
+        ("native", "native envelope", "/api/v1/batches",
+         "application/vnd.meterline.envelope+json", envelope),
+    )):
+        if load not in args.loads:
+            continue
+        bodies = [make(size, n * 10_000_000 + i * size, now_ms) for i in range(args.batches)]
+        loads.append((name, path, ctype, bodies, size, "events"))
+    singles = [orjson.dumps({"specversion": "1.0", "id": f"s{i}", "source": "bench",
+                             "type": "api_calls", "subject": f"cust-{i % 1000}"})
+               for i in range(args.singles)]
+    if "singles" in args.loads:
+        loads.append(("single events", "/api/v1/events", "application/cloudevents+json",
+                      singles, 1, "requests"))
+    out = []
+    for name, path, ctype, bodies, per_body, unit in loads:
+        concurrency = args.concurrency if per_body == 1 else min(args.concurrency, 8)
+        cpu0 = cpu_s(pid)
+        elapsed, lat = asyncio.run(drive(url, key, path, ctype, bodies, concurrency))
+        count = len(bodies) * per_body
+        out.append(Load(name, unit, count, count / elapsed, lat,
+                        (cpu_s(pid) - cpu0) / count * 1e6))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=400, help="batch requests per format")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--singles", type=int, default=20_000, help="single-event requests")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--pipeline", choices=("embedded", "kafka", "both"), default="both")
+    parser.add_argument("--variants", default="before,fast,after",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--loads", default=",".join(LOADS),
+                        help=f"comma-separated, of {', '.join(LOADS)}")
+    parser.add_argument("--baseline", default="before", help="the variant ratios are against")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants this many times per pipeline (ratios per round)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batches, args.singles, args.concurrency = 8, 200, 8
+        args.batches, args.singles, args.concurrency, args.rounds = 8, 200, 8, 1
+    pipelines = ["embedded", "kafka"] if args.pipeline == "both" else [args.pipeline]
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    args.loads = args.loads.split(",")
+    if not set(args.loads) <= set(LOADS):
+        parser.error(f"--loads: choose from {', '.join(LOADS)}")
     now_ms = time.time_ns() // 1_000_000
-    with tempfile.TemporaryDirectory(prefix="meterline-bench-") as tmp:
-        proc, url, key = start_server(Path(tmp))
-        try:
-            results: list[tuple[str, str, Any]] = []
-            size = args.batch_size
-            for name, path, ctype, make in (
-                ("cloudevents batch", "/api/v1/events", "application/cloudevents-batch+json",
-                 cloudevents_batch),
-                ("native envelope", "/api/v1/batches", "application/vnd.meterline.envelope+json",
-                 envelope),
-            ):
-                base = len(results) * 10_000_000
-                bodies = [make(size, base + i * size, now_ms) for i in range(args.batches)]
-                elapsed, lat = asyncio.run(drive(url, key, path, ctype, bodies,
-                                                 min(args.concurrency, 8)))
-                rate = args.batches * size / elapsed
-                results.append((name, f"{rate:,.0f} events/s ({args.batches} x {size})",
-                                 lat))
-            singles = [orjson.dumps({"specversion": "1.0", "id": f"s{i}", "source": "bench",
-                                     "type": "api_calls", "subject": f"cust-{i % 1000}"})
-                       for i in range(args.singles)]
-            elapsed, lat = asyncio.run(drive(url, key, "/api/v1/events",
-                                             "application/cloudevents+json", singles,
-                                             args.concurrency))
-            results.append(("single events", f"{args.singles / elapsed:,.0f} requests/s "
-                                              f"({args.singles} requests)", lat))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
-    print(f"server: meterline serve (embedded), client: aiohttp, {os.cpu_count()} cores")
-    for name, rate, lat in results:
-        print(f"  {name:<18} {rate:<40} p50 {pct(lat, 0.5):7.2f} ms  p99 {pct(lat, 0.99):7.2f} ms")
+    runs: list[tuple[str, str, int, list[Load]]] = []
+    with tempfile.TemporaryDirectory(prefix="meterline-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
+        broker = None
+        if "kafka" in pipelines:
+            from meterline.testing.kafka import KafkaBroker
+
+            broker = stack.enter_context(KafkaBroker(Path(tmp) / "kafka"))
+        for pipeline in pipelines:
+            for round_ in range(args.rounds):
+                for variant in variants:
+                    name = f"{pipeline}-{variant}-{round_}"
+                    kafka = None
+                    if broker is not None and pipeline == "kafka":
+                        # A fresh topic per run: 6 partitions, as `meterline topics create`.
+                        kafka = (broker.bootstrap, broker.create_topic(f"usage-{name}", 6))
+                    proc, url, key = start_server(Path(tmp) / name, kafka=kafka,
+                                                  variant=variant)
+                    try:
+                        runs.append((pipeline, variant, round_,
+                                     measure(url, key, proc.pid, args, now_ms)))
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=120)
+    print(f"client: aiohttp over loopback, {os.cpu_count()} cores shared with the server"
+          f"{' and the Kafka broker' if 'kafka' in pipelines else ''}")
+    for pipeline, variant, round_, loads in runs:
+        print(f"server: meterline serve, pipeline {pipeline}, {variant}, round {round_ + 1}")
+        for ld in loads:
+            rate = f"{ld.rate:,.0f} {ld.unit}/s ({ld.count:,})"
+            print(f"  {ld.name:<18} {rate:<28} p50 {pct(ld.latencies, 0.5):7.2f} ms  "
+                  f"p99 {pct(ld.latencies, 0.99):7.2f} ms  server CPU "
+                  f"{ld.server_cpu_us:6.1f} us/{ld.unit[:-1]}")
+    by_key = {(p, v, r): loads for p, v, r, loads in runs}
+    for pipeline in pipelines:
+        for round_ in range(args.rounds):
+            base = by_key.get((pipeline, args.baseline, round_))
+            for variant in variants:
+                other = by_key.get((pipeline, variant, round_))
+                if base is None or other is None or variant == args.baseline:
+                    continue
+                ratios = [f"{b.name} rate x{b.rate / a.rate:.2f} "
+                          f"CPU x{b.server_cpu_us / a.server_cpu_us:.2f}"
+                          for a, b in zip(base, other, strict=True)]
+                print(f"{variant}/{args.baseline}, {pipeline}, round {round_ + 1}: "
+                      f"{'; '.join(ratios)}")
     return 0
 
 

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the pipeline end to end on embedded chDB")
-    demo.add_argument("--events", type=int, default=1_000_000)
-    demo.add_argument("--customers", type=int, default=1_000)
+    # server (issue 11): a clear argparse error for 0 or negative counts
+    demo.add_argument("--events", type=_positive_int, default=1_000_000,
+                      help="usage events to generate (default: 1,000,000)")
+    demo.add_argument("--customers", type=_positive_int, default=1_000,
+                      help="customers to spread them over (default: 1,000)")
     demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -49,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="consumer name: its offsets and checkpoints (default: rollups)")
     rollup.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
                         help="stop after this long without new records (default: run forever)")
+    rollup.add_argument("--anomaly-settings", type=Path, default=None,
+                        help="anomalies.toml ([detector], [stage] early_warning, [webhook]) "
+                             "for the anomaly detectors run on the rollups (default: "
+                             "built-in defaults)")
+    rollup.add_argument("--no-anomalies", action="store_true",
+                        help="run no anomaly detectors")
     _metrics_options(rollup)
 
     worker = sub.add_parser("worker", help="Kafka usage topic -> hourly/daily rollups (Faust "
@@ -75,9 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     _metrics_options(anomalies)
     # --- end anomaly stage ---------------------------------------------------------------
 
-    usage = sub.add_parser("usage", help="print exact usage of one customer")
-    usage.add_argument("customer")
-    usage.add_argument("--meter")
+    # --- server (issue 11): usage reads the rollups (meterline/usage_cli.py) ------------
+    usage = sub.add_parser("usage", help="print one customer's exact usage from the rollups "
+                           "(what billing, dashboards and the usage API read)")
+    usage.add_argument("customer", help="the customer id (with --tenant: the tenant's own id)")
+    usage.add_argument("--meter", help="only this meter (default: every meter)")
+    usage.add_argument("--granularity", choices=("hour", "day", "month"), default=None,
+                       help="list every window of this size (default: the period's total "
+                            "per meter, from day windows)")
+    usage.add_argument("--from", dest="start", metavar="TIME",
+                       help="windows starting at or after: 2026-11-01, RFC 3339 or UTC ms "
+                            "(default: 31 days before --to for day windows, as the API)")
+    usage.add_argument("--to", dest="end", metavar="TIME",
+                       help="windows starting before (default: the end of the current window)")
+    usage.add_argument("--tenant", help="read a customer ingested through `meterline serve` "
+                                        "with a key of this tenant")
+    usage.add_argument("--json", action="store_true",
+                       help="per meter, the document GET /api/v1/usage returns, plus totals")
+    usage.add_argument("--server", metavar="URL",
+                       help="read through a running `meterline serve` (it owns the chDB "
+                            "directory) with the read key in $METERLINE_API_KEY")
+    # --- end server -------------------------------------------------------------------
 
     # --- server (issue 11): serve, keys, --config after the subcommand -----------------
     _server_commands(sub)
@@ -87,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     from meterline.rating.commands import add_parsers as add_billing_parsers
 
     add_billing_parsers(sub)
+    # --- invoicing export (issue 10) -------------------------------------------------------
+    from meterline.export.commands import add_parsers as add_export_parsers
+
+    add_export_parsers(sub)
+    # --- end invoicing export ----------------------------------------------------------------
 
     args = parser.parse_args(argv)
     configure_logging(args.log_format, logging.INFO if args.verbose else logging.WARNING)
@@ -99,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _positive_int(text: str) -> int:  # server (issue 11)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _metrics_options(parser: argparse.ArgumentParser) -> None:
@@ -130,8 +172,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in billing_commands.COMMANDS:
         return billing_commands.run(args, config)
-    if args.command in ("serve", "keys"):  # server (issue 11)
+    if args.command == "export":  # invoicing export (issue 10)
+        from meterline.export import commands as export_commands
+
+        return export_commands.run(args, config)
+    if args.command in ("serve", "keys", "topics"):  # server (issue 11)
         return _dispatch_server(args, config)
+    if args.command in ("load-raw", "worker", "load-rollups", "anomalies"):  # server (issue 11)
+        _require_kafka(config, usage_topic=args.command == "worker")
     if args.command == "demo":
         from meterline.demo import run_demo
 
@@ -166,7 +214,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterline.aggregators.embedded import run_rollup_local
 
         run_rollup_local(config, args.log, checkpoint_path=args.checkpoint, group=args.group,
-                         until_idle_s=args.until_idle)
+                         until_idle_s=args.until_idle, anomaly_settings=args.anomaly_settings,
+                         anomalies=not args.no_anomalies)
         return 0
     if args.command == "worker":
         from meterline.aggregators.faust_worker import run_worker
@@ -186,11 +235,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             run_anomalies(config, args.settings)
         return 0
-    if args.command == "usage":
-        from meterline.demo import print_usage
+    if args.command == "usage":  # server (issue 11)
+        from meterline.usage_cli import run_usage
 
-        print_usage(config, args.customer, args.meter)
-        return 0
+        return run_usage(config, args.customer, meter=args.meter,
+                         granularity=args.granularity, start=args.start, end=args.end,
+                         tenant=args.tenant, as_json=args.json, server=args.server)
     raise AssertionError(args.command)
 
 
@@ -232,6 +282,24 @@ def _server_commands(sub: Any) -> None:
                         required=True, help="ingest, read or admin (repeat for several)")
     create.add_argument("--name", default="", help="a note to recognise the key by")
     keys_sub.add_parser("list", help="list keys (ids, tenants, scopes; never secrets)")
+    topics = sub.add_parser(
+        "topics", help="create the Kafka usage and output topics with the settings the "
+                       "pipeline needs (message.timestamp.type=LogAppendTime)",
+        description="Settings: [kafka] topic and bootstrap_servers; [server] topic_partitions, "
+                    "topic_replication_factor, topic_retention_ms (docs/server.md).")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
+    create_topics = topics_sub.add_parser(
+        "create", help="create the usage topic and <topic>.rollups/.dead-letters/.late-events "
+                       "if missing; check the ones that exist (refuses a usage topic "
+                       "without LogAppendTime)")
+    create_topics.add_argument("--partitions", type=_positive_int, default=None,
+                               help="default: [server] topic_partitions, else 6")
+    create_topics.add_argument("--replication-factor", type=_positive_int, default=None,
+                               help="default: [server] topic_replication_factor, else 3 or "
+                                    "the number of brokers if fewer")
+    create_topics.add_argument("--retention-ms", type=int, default=None,
+                               help="default: [server] topic_retention_ms, else 7 days; "
+                                    "-1 keeps records forever")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id", help="the id shown by 'keys list' (12 hex characters)")
 
@@ -253,6 +321,8 @@ def _dispatch_server(args: argparse.Namespace, config: Any) -> int:
     from meterline.server.settings import from_config
 
     settings = from_config(config)
+    if args.command == "topics":
+        return _topics(args, config, settings)
     if args.command == "keys":
         store = KeyStore(settings.keys_file)
         try:
@@ -287,6 +357,8 @@ def _dispatch_server(args: argparse.Namespace, config: Any) -> int:
     if args.kafka:
         overrides["pipeline"] = "kafka"
     settings = dataclasses.replace(settings, **overrides)
+    if settings.pipeline == "kafka":
+        _require_kafka(config, usage_topic=False)
     store = KeyStore(settings.keys_file)
     try:
         if len(store) == 0:
@@ -306,6 +378,35 @@ def _dispatch_server(args: argparse.Namespace, config: Any) -> int:
               flush=True)
 
     serve(config, settings, on_listening=listening)
+    return 0
+
+
+def _require_kafka(config: Any, *, usage_topic: bool) -> None:
+    """One line and exit 2 when Kafka is not there (KafkaUnreachable is a MeterlineError),
+    before a stage starts retrying in the background; the worker also refuses a usage
+    topic that is missing or not LogAppendTime."""
+    from meterline.server.kafka_admin import check_usage_topic, require_kafka
+
+    bootstrap = config.kafka.bootstrap_servers
+    metadata = require_kafka(bootstrap)
+    if usage_topic:
+        check_usage_topic(bootstrap, config.kafka.topic, metadata)
+
+
+def _topics(args: argparse.Namespace, config: Any, settings: Any) -> int:
+    from meterline.server.kafka_admin import create_topics, plan_topics, require_kafka
+
+    bootstrap = config.kafka.bootstrap_servers
+    metadata = require_kafka(bootstrap)
+    replication = (args.replication_factor or settings.topic_replication_factor
+                   or min(3, len(metadata.brokers)))
+    plans = plan_topics(
+        config.kafka.topic, partitions=args.partitions or settings.topic_partitions,
+        replication_factor=replication,
+        retention_ms=(args.retention_ms if args.retention_ms is not None
+                      else settings.topic_retention_ms))
+    for line in create_topics(bootstrap, plans, metadata):
+        print(line)
     return 0
 
 # --- end server -------------------------------------------------------------------------

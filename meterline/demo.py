@@ -149,8 +149,12 @@ def run_demo(
             bar.close()
         stage_seconds["rollup"] = time.monotonic() - t
         t = time.monotonic()
-        hourly = RollupTotalsQuery("hour", database=storage.database).run(storage)
-        daily = RollupTotalsQuery("day", database=storage.database).run(storage)
+        # With the registry, late unique_count windows are re-aggregated from raw events
+        # rather than left pending (sinks/rollup_queries.py).
+        hourly = RollupTotalsQuery("hour", database=storage.database,
+                                   registry=registry).run(storage)
+        daily = RollupTotalsQuery("day", database=storage.database,
+                                  registry=registry).run(storage)
         stage_seconds["verify"] = time.monotonic() - t
         t = time.monotonic()
         png = _overview_png(storage, workdir / "consumption-overview.png")
@@ -184,6 +188,8 @@ def run_demo(
     stage_seconds["anomalies"] = time.monotonic() - t
     print(f"Done in {seconds:.1f}s ({truth.events / seconds:,.0f} events/s end to end; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()) + ").")
+    if billing is not None and billing.export_summary:  # invoicing export (issue 10)
+        print(billing.export_summary)
     return DemoResult(truth.events, len(truth.sums), mismatches, seconds, checked,
                       len(window_diffs), stage_seconds, png,
                       None if billing is None else billing.result.exact)
@@ -339,20 +345,3 @@ def _print_report(summary: list[Any], registry: Any, truth: GroundTruth, mismatc
               "ground truth.")
     print(f"Dead letters: {dead_letters}.")
 
-
-def print_usage(config: AppConfig, customer: str, meter: str | None) -> None:
-    from meterline.sinks.raw_events import UsageSummaryQuery
-    from meterline.sinks.storage import open_storage
-
-    storage = open_storage(config.storage_config())
-    try:
-        rows = UsageSummaryQuery(customer=customer, database=storage.database).run(storage)
-    finally:
-        storage.close()
-    rows = [r for r in rows if meter is None or r.meter == meter]
-    if not rows:
-        print(f"no usage recorded for {customer}")
-        return
-    print(f"{'meter':<18}{'events':>10}{'total (exact)':>22}")
-    for r in rows:
-        print(f"{r.meter:<18}{r.events:>10,}{format_nanos(r.quantity_nano):>22}")

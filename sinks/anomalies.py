@@ -26,7 +26,7 @@ from meterline.sinks.anomaly_ddl import anomaly_ddl
 from meterline.sinks.exceptions import SinkConfigError
 from meterline.sinks.storage import DEFAULT_DATABASE, Storage, is_identifier
 
-__all__ = ["ANOMALIES", "ANOMALY_EVENTS", "AnomalyEventRow",
+__all__ = ["ANOMALIES", "ANOMALY_EVENTS", "AnomalyCopiesQuery", "AnomalyEventRow",
            "AnomalyEventsQuery", "OpenEpisodesQuery", "write_events"]
 
 ANOMALIES, ANOMALY_EVENTS = anomaly_ddl()
@@ -189,4 +189,33 @@ class OpenEpisodesQuery:
         return _parse(rows)
 
     def run(self, storage: Storage) -> list[AnomalyEventRow]:
+        return self.parse(storage.query_rows(*self.to_sql()))
+
+
+@dataclass(frozen=True)
+class AnomalyCopiesQuery:
+    """Per event key: how many rows the table holds before ReplacingMergeTree collapses
+    them, and how many *different* contents among them (``written_at_ms`` aside). A replay
+    after a crash writes a key again; an exact replay writes the same content, so
+    ``distinct`` is 1 for every episode event (early warnings may differ: their partial
+    totals depend on what a flush happened to see). For audits and the kill -9 tests."""
+
+    database: str = DEFAULT_DATABASE
+
+    def to_sql(self) -> tuple[str, dict[str, Any]]:
+        if not is_identifier(self.database):
+            raise SinkConfigError("anomaly copies query",
+                                  [f"database {self.database!r} is not a plain identifier"])
+        content = ", ".join(c.name for c in ANOMALIES.columns if c.kind != "EPHEMERAL"
+                            and c.name not in ("event_key", "written_at_ms"))
+        sql = (f"SELECT event_key, any(kind), count(), uniqExact(tuple({content}))\n"
+               f"FROM {ANOMALIES.qualified(self.database)}\n"
+               "GROUP BY event_key\n"
+               "ORDER BY event_key")
+        return sql, {}
+
+    def parse(self, rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, int, int]]:
+        return {str(k): (str(kind), int(n), int(d)) for k, kind, n, d in rows}
+
+    def run(self, storage: Storage) -> dict[str, tuple[str, int, int]]:
         return self.parse(storage.query_rows(*self.to_sql()))

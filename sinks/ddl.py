@@ -8,7 +8,7 @@ statement is rendered by the code below and the same text runs on chDB and on a 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meterline.sinks.exceptions import SinkConfigError, SinkError
@@ -152,6 +152,43 @@ class Table:
         adds = [f"ADD COLUMN {self.column(name).ddl()}" for name in self.added_columns]
         return (f"ALTER TABLE {self.qualified(database)}\n    " + ",\n    ".join(adds)
                 + f",\n    MODIFY ORDER BY ({', '.join(self.order_by)})")
+
+    @property
+    def rebuild_name(self) -> str:
+        return f"{self.name}__rebuild"
+
+    def stored_columns(self) -> tuple[str, ...]:
+        """Columns held on disk (a copy must carry them; EPHEMERAL/MATERIALIZED are not)."""
+        return tuple(c.name for c in self.columns if c.kind in (None, "DEFAULT"))
+
+    def rebuild_sql(self, database: str, retention: RetentionPolicy) -> list[str]:
+        """Statements that give an existing table this definition's sorting key, keeping
+        its rows, for a key ClickHouse cannot extend in place (``MODIFY ORDER BY`` takes
+        only freshly added columns).
+
+        Copy into ``<name>__rebuild`` created with the new key, swap the two atomically
+        (``EXCHANGE TABLES``, Atomic databases), then :meth:`finish_rebuild_sql`. Safe to
+        repeat from any point a crash leaves: before the swap the old table is untouched
+        and the half-filled copy is dropped and made again; after it, the table has the
+        new key and only the finish step is planned. Rows written to the old table while
+        the copy ran are carried over by the finish step's second copy (the same rows
+        under the same key collapse)."""
+        tmp = replace(self, name=self.rebuild_name)
+        cols = ", ".join(self.stored_columns())
+        return [f"DROP TABLE IF EXISTS {tmp.qualified(database)}",
+                tmp.create_sql(database, retention),
+                f"INSERT INTO {tmp.qualified(database)} ({cols})\n"
+                f"SELECT {cols} FROM {self.qualified(database)}",
+                f"EXCHANGE TABLES {self.qualified(database)} AND {tmp.qualified(database)}",
+                *self.finish_rebuild_sql(database)]
+
+    def finish_rebuild_sql(self, database: str) -> list[str]:
+        """After the swap: copy what reached the old table meanwhile, then drop it."""
+        old = replace(self, name=self.rebuild_name)
+        cols = ", ".join(self.stored_columns())
+        return [f"INSERT INTO {self.qualified(database)} ({cols})\n"
+                f"SELECT {cols} FROM {old.qualified(database)}",
+                f"DROP TABLE IF EXISTS {old.qualified(database)}"]
 
     def modify_ttl_sql(self, database: str, retention: RetentionPolicy) -> str:
         if self.ttl is None:

@@ -104,6 +104,8 @@ def _usage_query(window_ms: int) -> str:
         "    FROM {source} FINAL\n"
         f"    GROUP BY {', '.join(_WINDOW_KEY)}\n"
     )
+    # (The alias is long on purpose: ClickHouse resolves a one-letter alias such as ``m``
+    # before a database of that name, and ``m.late_events_restated`` then fails.)
     # The meter's aggregation is not in late_events: take it from the meter's rollup rows
     # in either table (a meter has one aggregation). A meter with no rollup row at all gets
     # '' and its late events stay pending (not restated) rather than guessed.
@@ -124,13 +126,14 @@ def _usage_query(window_ms: int) -> str:
         "            l.dimensions AS dimensions,\n"
         f"            intDiv(l.window_start_ms, {window_ms}) * {window_ms} AS window_start_ms,\n"
         "            l.quantity AS quantity, l.restated AS restated, l.reason AS reason,\n"
-        "            m.aggregation AS aggregation\n"
+        "            meter_aggregation.aggregation AS aggregation\n"
         "        FROM {database}.late_events_restated AS l\n"
         "        LEFT JOIN (SELECT meter, any(aggregation) AS aggregation FROM (\n"
         "                       SELECT meter, aggregation FROM {database}.hourly_rollups\n"
         "                       UNION ALL\n"
         "                       SELECT meter, aggregation FROM {database}.daily_rollups)\n"
-        "                   GROUP BY meter) AS m ON m.meter = l.meter\n"
+        "                   GROUP BY meter) AS meter_aggregation\n"
+        "            ON meter_aggregation.meter = l.meter\n"
         "    )\n"
         "    GROUP BY customer, meter, group_key, window_start_ms, aggregation\n"
     )

@@ -239,14 +239,20 @@ LATE_EVENTS = Table(
         Column("window_start_ms", "Int64", comment="the hourly window it missed"),
         Column("received_at_ms", "Int64", comment="Kafka record timestamp, UTC ms"),
     ),
-    # Keyed by the event, not its Kafka position: a replay and an SDK resend (a new record)
-    # of the same late event both collapse. window_start_ms derives from the event, so
-    # partitioning by it keeps duplicates together.
+    # Keyed by the event *and* its delivery (log position): a replay of the same record
+    # collapses, but an SDK resend (a new record) of the same late event is a row of its
+    # own. Readers take each idempotency scope's first delivery in log order
+    # (late_events_restated, LateEventsQuery). Keyed by the event alone (schema 4 and
+    # before), the table kept whichever copy was inserted last; the view then found
+    # raw's earlier delivery, took that for an earlier count and dropped the event from
+    # the totals. window_start_ms derives from the event, so copies share a partition.
     engine="ReplacingMergeTree",
     partition_by=month_of("window_start_ms"),
-    order_by=("customer", "meter", "window_start_ms", "event_id"),
+    order_by=("customer", "meter", "window_start_ms", "event_id", "source_partition",
+              "source_offset", "position"),
     ttl=TtlRule(seconds_of("window_start_ms"), "late_events_days", meter_column="meter"),
-    comment="Events that arrived after their window closed: in no rollup; read FINAL",
+    comment=("Events that arrived after their window closed, one row per delivery: in no "
+             "rollup; read through late_events_restated"),
 )
 
 SCHEMA_META = Table(
@@ -315,6 +321,9 @@ MIGRATIONS: tuple[Migration, ...] = (
                                                        LATE_EVENTS)),
     Migration(3, "billing event log and rated usage", billing_tables.tables()),
     Migration(4, "anomaly episode events", anomaly_ddl.tables()),
+    # No new table: late_events gets its delivery in the sorting key (a rebuild, planned
+    # by plan_migration whenever an existing table's key differs from the code's).
+    Migration(5, "late events keep every delivery", ()),
 )
 TABLES: tuple[Table, ...] = tuple(t for m in MIGRATIONS for t in m.tables)
 # Order matters: a view is created after the views it reads.
@@ -339,6 +348,9 @@ class SchemaState:
     revision: int = 0  # highest revision in schema_meta
     # Columns of the existing tables (system.columns), to add a table's added_columns.
     columns: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Sorting keys of the existing tables (system.tables), as column-name tuples: a table
+    # whose key differs from the code's is rebuilt (Table.rebuild_sql).
+    sorting_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -377,6 +389,11 @@ def plan_migration(database: str, retention: RetentionPolicy, state: SchemaState
             # so a crash leaves either the old or the new table, and the check above
             # plans the same statement again for the old one.
             statements.append(table.add_columns_sql(database))
+        elif table.name in state.sorting_keys and state.sorting_keys[table.name] != table.order_by:
+            statements.extend(table.rebuild_sql(database, retention))
+        elif table.rebuild_name in state.existing_tables:
+            # A rebuild that crashed after its swap: finish it.
+            statements.extend(table.finish_rebuild_sql(database))
         if table.ttl is None:
             continue
         ttl = table.ttl.expression(retention)
@@ -399,7 +416,7 @@ def plan_migration(database: str, retention: RetentionPolicy, state: SchemaState
 
 def read_schema_state(storage: Storage, database: str) -> SchemaState:
     tables = storage.query_rows(
-        "SELECT name FROM system.tables WHERE database = {database:String}",
+        "SELECT name, sorting_key FROM system.tables WHERE database = {database:String}",
         {"database": database},
     )
     meta_rows = storage.query_rows(
@@ -415,10 +432,16 @@ def read_schema_state(storage: Storage, database: str) -> SchemaState:
         columns.setdefault(str(table), set()).add(str(name))
     return SchemaState(
         existing_tables=frozenset(str(row[0]) for row in tables),
+        sorting_keys={str(name): _key_columns(str(key)) for name, key in tables if key},
         meta={str(key): str(value) for key, value, _ in meta_rows},
         revision=max((int(rev) for _, _, rev in meta_rows), default=0),
         columns={table: frozenset(names) for table, names in columns.items()},
     )
+
+
+def _key_columns(sorting_key: str) -> tuple[str, ...]:
+    """``system.tables.sorting_key`` ("a, b, c", parenthesised by some versions) as names."""
+    return tuple(part.strip() for part in sorting_key.strip().strip("()").split(","))
 
 
 def _wall_clock_ms() -> int:

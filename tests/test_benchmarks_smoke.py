@@ -50,3 +50,50 @@ def test_checkpoint_state_harness_small() -> None:  # `make bench-state`
     seq = by[("producers", "seq", "disk")]
     assert seq["producers_held"] == seq["n"]  # one entry per producer
     assert by[("ids", "seq", "disk")]["ids_held"] == by[("ids", "seq", "disk")]["n"]
+
+
+def _summary(out: subprocess.CompletedProcess[str]) -> dict:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+
+
+@pytest.mark.timeout(900)  # the first run on a fresh clone also makes quixstreams' venv
+def test_rollups_peers_small() -> None:  # e2e_rollups.py --runs raw,quix: the new peers
+    # 8,000 events = 4 batches 45 min apart: some events of the last batch arrive after
+    # newer ones of the next hour, so quixstreams' 1 h grace is exercised, not idle.
+    out = _run("benchmarks/e2e_rollups.py", "--runs", "raw,quix", "--events", "8000",
+               timeout=880)
+    summary = _summary(out)
+    raw, quix = summary["raw"], summary["quix"]
+    assert raw["verify"] == "exact" and raw["events"] == 8000
+    # verify compares events_decoded with what was produced, resent envelopes included
+    # (16 envelopes at a 3 % resend rate: a run may have none, so no "> 8000" here).
+    assert raw["events_decoded"] >= 8000
+    assert quix["verify"] == "exact" and quix["windows"] == quix["windows_expected"] > 0
+    assert quix["truth_vs_usage_log"] == "consistent"
+    assert raw["events_per_s"] > 0 and quix["events_per_s"] > 0
+    assert "throughput" not in summary and "naive" not in summary
+
+
+def test_rollups_wrong_peer_is_reported_wrong() -> None:
+    # quixstreams' default grace (0) drops the late events of the same workload: the
+    # harness must call its totals wrong and give it no ratio, however fast it was.
+    out = _run("benchmarks/e2e_rollups.py", "--runs", "quix", "--events", "8000",
+               "--quix-grace-ms", "0")
+    quix = _summary(out)["quix"]
+    assert quix["verify"] != "exact"
+    assert "wrong/missing" in quix["verify"]
+
+
+def test_server_quota_harness_small() -> None:  # benchmarks/server_quota.py --quick
+    # The harness exits 1 on any wrong answer: every key's `used` equals the totals it
+    # sent, after seeding and after ingest, and each answer during ingest lies between.
+    out = _run("benchmarks/server_quota.py", "--quick", timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = json.loads(out.stdout.strip().splitlines()[-1])["in-memory totals"]
+    assert run["checked"]["wrong"] == 0
+    assert run["checked"]["after_seed"] == run["checked"]["after_ingest"] == run["keys"]
+    ingest = run["phases"]["ingest"]
+    assert ingest["requests"] > 0 and ingest["ingest_events_per_s"] > 0
+    # Answered from the in-memory totals, never by reading the views (no late events).
+    assert run["phases"]["idle"]["cache_hit_rate"] == ingest["cache_hit_rate"] == 1.0

@@ -30,7 +30,6 @@ with the reason and the body, never dropped.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import queue
@@ -48,41 +47,37 @@ from typing import Any, Protocol
 
 from meterline.core.anomaly.model import EARLY, EpisodeEvent
 from meterline.core.errors import ConfigError
+from meterline.export.signed_http import (
+    IDEMPOTENCY_HEADER,
+    RETRY_STATUS,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    backoff_s,
+    sign,
+    signed_headers,
+    verify_signature,
+)
 
-__all__ = ["ALERTNAME", "DeadLetterStore", "MemoryDeadLetters", "SqliteDeadLetters",
-           "WebhookSender", "WebhookSettings", "alert_payload", "sign", "verify"]
+__all__ = ["ALERTNAME", "IDEMPOTENCY_HEADER", "SIGNATURE_HEADER", "TIMESTAMP_HEADER",
+           "DeadLetterStore", "MemoryDeadLetters", "SqliteDeadLetters", "WebhookSender",
+           "WebhookSettings", "alert_payload", "sign", "verify"]
 
 log = logging.getLogger(__name__)
 
 ALERTNAME = "MeterlineUsageAnomaly"
-SIGNATURE_HEADER = "X-Meterline-Signature"
-TIMESTAMP_HEADER = "X-Meterline-Timestamp"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 _ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "no end yet"
-# Answers worth another try: the receiver or a proxy is overloaded, restarting or slow.
-_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-def sign(secret: str | bytes, timestamp_s: int, body: bytes) -> str:
-    key = secret.encode() if isinstance(secret, str) else secret
-    mac = hmac.new(key, f"{timestamp_s}.".encode() + body, hashlib.sha256)
-    return "v1=" + mac.hexdigest()
+# One signing scheme and one retry rule for every Meterline webhook (the invoicing export's
+# too): meterline/export/signed_http.py. Re-exported here for existing receivers' imports.
+_RETRY_STATUS = RETRY_STATUS
 
 
 def verify(secret: str | bytes, body: bytes, timestamp: str | None, signature: str | None,
            *, now_s: float | None = None, tolerance_s: float = 300.0) -> bool:
-    """For receivers: True if ``signature`` (the ``X-Meterline-Signature`` header) signs
-    ``body`` with ``timestamp`` (``X-Meterline-Timestamp``) and the timestamp is within
-    ``tolerance_s`` of now. Compares in constant time; several ``v1=`` values separated
-    by commas (a secret being rotated) are each tried."""
-    if not timestamp or not signature or not timestamp.isdigit():
-        return False
-    ts = int(timestamp)
-    now = time.time() if now_s is None else now_s
-    if abs(now - ts) > tolerance_s:
-        return False
-    expected = sign(secret, ts, body)
-    return any(hmac.compare_digest(expected, part.strip()) for part in signature.split(","))
+    """For receivers: :func:`meterline.export.signed_http.verify_signature` given the two
+    header values instead of the headers."""
+    headers = {k: v for k, v in ((TIMESTAMP_HEADER, timestamp), (SIGNATURE_HEADER, signature))
+               if v is not None}
+    return verify_signature(secret, headers, body, tolerance_s, now_s=now_s)
 
 
 def _rfc3339(ms: int) -> str:
@@ -327,15 +322,12 @@ class WebhookSender:
         for attempt in range(s.max_attempts):
             if attempt:
                 self.counters.retries += 1
-                delay = self._rng.uniform(0.0, min(s.backoff_max_s,
-                                                   s.backoff_base_s * 2 ** (attempt - 1)))
+                delay = backoff_s(attempt, s.backoff_base_s, s.backoff_max_s, self._rng)
                 if self._stop.wait(delay):
                     self._dead_letter(event, f"shutdown after {reason}", attempt, body)
                     return
             ts = int(self._clock_s())
-            headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: str(ts),
-                       SIGNATURE_HEADER: sign(s.secret, ts, body),
-                       IDEMPOTENCY_HEADER: event.key, "User-Agent": "meterline-webhook/1"}
+            headers = signed_headers(s.secret, body, event.key, ts, "meterline-webhook/1")
             try:
                 status = self._transport(s.url, body, headers, s.timeout_s)
             except (OSError, TimeoutError) as exc:  # refused, reset, DNS, timeout

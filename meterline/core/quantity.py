@@ -20,6 +20,7 @@ Precision and range:
 
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal, InvalidOperation
 
 SCALE_DIGITS = 9
@@ -33,6 +34,14 @@ _MAX_DIGITS = 38
 # decimals can round to the same float, so "the decimal it was written as" is ambiguous
 # (8388608.000000001 would be billed as ...002). Such values must come as int/Decimal/str.
 _FLOAT_EXACT_LIMIT = float(2**23)
+
+
+# The fast path of _decimal_to_nanos: 38 digits (a Decimal(38, 9)) and a trap on every
+# signal, so a shift that would round, or lose a digit, raises instead of answering.
+_NANO_SHIFT = decimal.Context(
+    prec=_MAX_DIGITS, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN,
+    traps=[decimal.InvalidOperation, decimal.Rounded, decimal.Inexact, decimal.Overflow,
+           decimal.Underflow, decimal.Subnormal, decimal.Clamped])
 
 
 class QuantityError(ValueError):
@@ -80,6 +89,23 @@ def to_nanos(value: object) -> int:
 
 
 def _decimal_to_nanos(dec: Decimal) -> int:
+    # Fast path (~5x; rating converts millions of values): shift by 9 digits in a context
+    # that traps any rounding, and take the int only when it equals the shifted value.
+    # Everything else (too many fractional digits, out of range, zero with a large
+    # exponent, not finite) takes the digit path below, which says what is wrong.
+    if dec.is_finite() and dec.adjusted() < _MAX_DIGITS - SCALE_DIGITS:
+        try:
+            scaled = dec.scaleb(SCALE_DIGITS, _NANO_SHIFT)
+        except ArithmeticError:
+            pass
+        else:
+            nanos = int(scaled)
+            if nanos == scaled:
+                return nanos
+    return _decimal_digits_to_nanos(dec)
+
+
+def _decimal_digits_to_nanos(dec: Decimal) -> int:
     # Exact digit arithmetic, no decimal context: Decimal.scaleb rounds to the context's 28
     # significant digits (silently changing 12345678901234567890.123456789) and raises
     # decimal.Overflow for huge exponents.

@@ -451,6 +451,30 @@ class RollupState:
             del self._cells[key]
         return [WindowKey._make(k) for k in closed]
 
+    def merge_partials(self, partials: Iterable[tuple[Key, Aggregator[Any], Any, int]],
+                       dirty: set[Key]) -> None:
+        """Merge ``(key, aggregator, state, events)`` partials - the states of accepted
+        events folded elsewhere - into their windows (created if new, in the order given)
+        and mark them changed: the seam of the columnar fold (``aggregators/columnar``).
+        The caller has checked that every result stays in Decimal(38, 9) and that the
+        events are the ones ``apply_batch`` would have accepted; ``merge`` agrees with
+        ``add`` for every aggregation, so each window ends as the per-event fold leaves it."""
+        cells = self._cells
+        for key, aggregator, partial, events in partials:
+            cell = cells.get(key)
+            if cell is None:
+                cells[key] = _Cell(aggregator, partial, events)
+            else:
+                cell.state = aggregator.merge(cell.state, partial)
+                cell.events += events
+            dirty.add(key)
+
+    def max_abs_total(self) -> int:
+        """The largest |result| of a window whose result can leave Decimal(38, 9) (sums):
+        what the columnar fold bounds before it skips the per-event range check."""
+        return max((abs(c.aggregator.result(c.state)) for c in self._cells.values()
+                    if c.aggregator.total_can_overflow), default=0)
+
     def export(self, key: Key) -> tuple[str, Any, int]:
         """``(aggregation, plain state, events)`` of a window, for a changelog."""
         cell = self._cells[key]

@@ -74,6 +74,11 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("reconcile", help="raw events vs rollups vs rated quantities; "
                        "exit 1 on drift")
     p.add_argument("--period", required=True)
+    # --- invoicing export (issue 10): --target T, the last hop -------------------------
+    from meterline.export.commands import add_reconcile_options
+
+    add_reconcile_options(p)
+    # --- end invoicing export ------------------------------------------------------------
 
 
 def _actor(args: argparse.Namespace) -> str:
@@ -197,12 +202,13 @@ def _run(args: argparse.Namespace, config: Any, storage: Any) -> int:
               f"{result.closed_unchanged:,} closed unchanged")
         for code, total in sorted(result.total_by_currency.items()):
             print(f"  total {total} {code}")
-        if result.corrections_needed:
-            print(f"{len(result.corrections_needed)} line(s) of closed periods changed and "
-                  "need a correction (not rewritten):")
-            for text in result.corrections_needed[:20]:
-                print(f"  {text}")
-            return 1
+        if result.corrections:
+            print(f"{len(result.corrections)} correction line(s) written for closed "
+                  "(invoiced) periods whose usage changed (the invoiced lines are kept):")
+            for fix in result.corrections[:20]:
+                print(f"  {fix.customer} {fix.subscription_id} {b.iso(fix.period_start_ms)} "
+                      f"{fix.line_id} correction {fix.correction}: {fix.quantity:+} units, "
+                      f"{fix.amount:+} {fix.currency}")
         return 0
     if cmd in ("explain", "invoice"):
         start, end = stage.month_range(args.period)
@@ -236,6 +242,11 @@ def _run(args: argparse.Namespace, config: Any, storage: Any) -> int:
         return 0
     if cmd == "reconcile":
         rows = stage.reconcile(storage, ledger.state, period=args.period)
+        export_status = 0
+        if getattr(args, "target", None):  # invoicing export (issue 10): the last hop
+            from meterline.export.commands import reconcile_command
+
+            export_status = reconcile_command(args, config, storage)
         drift = [r for r in rows if r.drift]
 
         def show(v: Decimal | None) -> str:
@@ -247,5 +258,5 @@ def _run(args: argparse.Namespace, config: Any, storage: Any) -> int:
             print(f"  DRIFT {r.customer} {r.subscription_id} {r.meter} ({r.aggregation}) "
                   f"{b.iso(r.segment[0])}..{b.iso(r.segment[1])}: raw {show(r.raw)}, "
                   f"rollups {show(r.rollup)}, rated {show(r.rated)}")
-        return 1 if drift else 0
+        return 1 if drift or export_status else 0
     raise AssertionError(cmd)

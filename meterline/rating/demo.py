@@ -77,6 +77,7 @@ class BillingDemoResult:
 class BillingDemo:
     result: BillingDemoResult
     text: str
+    export_summary: str = ""  # invoicing export (issue 10): printed last by the demo
 
     def report(self) -> None:
         print(self.text)
@@ -165,5 +166,16 @@ def run_billing(storage: Any, truth: Any, customers: list[str], start_ms: int, e
                    f"{first.subscription_id} --period "
                    f"{time.strftime('%Y-%m', time.gmtime(first.period_start_ms / 1000))}"
                    f"   (usage spans {iso(start_ms)} .. {iso(end_ms)})")
+    # --- invoicing export (issue 10): the lines -> files beside the demo's chDB dir ---------
+    export_summary = ""
+    data_dir = getattr(storage, "data_dir", None)
+    if data_dir:
+        from pathlib import Path
+
+        from meterline.export.demo import export_demo_lines
+
+        export_summary = export_demo_lines(lines, Path(data_dir).parent)
+    # --- end invoicing export ---------------------------------------------------------------
     return BillingDemo(BillingDemoResult(len(lines), len(state.subscriptions), checked,
-                                         mismatches, len(drift), seconds), "\n".join(out))
+                                         mismatches, len(drift), seconds), "\n".join(out),
+                       export_summary)

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_ms INTEGER NOT NULL,
     revoked_ms INTEGER
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -170,6 +171,26 @@ class KeyStore:
         if not hmac.compare_digest(bytes(row[2]), _digest(key)):
             return None
         return Principal(key_id, row[0], frozenset(row[1].split(",")))
+
+    def principal(self, key_id: str) -> Principal | None:
+        """The principal of an active key by its id (a signed usage link names the key
+        that made it, so revoking the key revokes its links)."""
+        with self._lock:
+            row = self._db.execute("SELECT tenant, scopes, revoked_ms FROM api_keys "
+                                   "WHERE key_id = ?", (key_id,)).fetchone()
+        if row is None or row[2] is not None:
+            return None
+        return Principal(key_id, row[0], frozenset(row[1].split(",")))
+
+    def secret(self, name: str) -> bytes:
+        """A 256-bit server secret (e.g. for signing usage links), made on first use and
+        kept in this file so every server process on it and every restart share it."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)",
+                             (name, secrets.token_bytes(32)))
+            row = self._db.execute("SELECT value FROM secrets WHERE name = ?",
+                                   (name,)).fetchone()
+        return bytes(row[0])
 
     def close(self) -> None:
         with self._lock:

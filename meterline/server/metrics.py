@@ -48,6 +48,8 @@ def route_template(raw_path: bytes) -> str:
     parts = raw_path.split(b"?", 1)[0].strip(b"/").split(b"/")
     if parts == [b"healthz"]:
         return "/healthz"
+    if len(parts) == 2 and parts[0] == b"usage":
+        return "/usage/{customer}"
     if parts[:2] != [b"api", b"v1"]:
         return "other"
     route = parts[2:]
@@ -59,6 +61,8 @@ def route_template(raw_path: bytes) -> str:
         return "/api/v1/batches"
     if route == [b"openapi.json"]:
         return "/api/v1/openapi.json"
+    if route == [b"usage-links"]:
+        return "/api/v1/usage-links"
     if len(route) == 3 and route[0] == b"usage":
         return "/api/v1/usage/{customer}/{meter}"
     if len(route) == 3 and route[0] == b"quota":

@@ -101,6 +101,22 @@ def document(registry: MeterRegistry, version: str) -> dict[str, Any]:
                     "schema": {"$ref": "#/components/schemas/Quota"}}}},
                     **_problem_responses(400, 401, 403, 404, 422)},
             }},
+            "/api/v1/usage-links": {"post": {
+                "operationId": "createUsageLink",
+                "summary": "A signed, expiring link to one customer's usage page (/usage)",
+                "description": "The link names the key that made it: revoking the key "
+                               "revokes the link. Join `path` to the server's address.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["customer"], "properties": {
+                        "customer": {"type": "string"},
+                        "expires_in_s": {"type": "integer", "minimum": 1,
+                                         "maximum": 31 * 86400, "default": 7 * 86400}}}}}},
+                "responses": {"200": {"description": "the link", "content": {
+                    "application/json": {"schema": {"type": "object", "properties": {
+                        "customer": {"type": "string"}, "path": {"type": "string"},
+                        "expires": {"type": "string", "format": "date-time"}}}}}},
+                    **_problem_responses(400, 401, 403)},
+            }},
         },
         "components": {
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",

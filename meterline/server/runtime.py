@@ -21,8 +21,10 @@ acks=all; the stages run as today's separate workers; reads go to the configured
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,14 +33,17 @@ from meterline.server.app import AsgiAdapter, Limits, ServerApp
 from meterline.server.keys import KeyStore
 from meterline.server.metrics import LazyCollector, ServerMetrics
 from meterline.server.openapi import document
+from meterline.server.quota_totals import MIN_RETENTION_DAYS, RollupTotals
 from meterline.server.settings import ServerSettings
 from meterline.server.usage import (
     ConfigLimits,
     Generation,
+    QuotaCollector,
     QuotaService,
     RollupGeneration,
     TimeGeneration,
     UsageReader,
+    month_start_ms,
 )
 from meterline.server.writers import EventWriter, KafkaWriter, LocalLogWriter
 
@@ -90,14 +95,27 @@ class LockedStorage:
 
 
 class GenerationWriter:
-    """An OutputWriter that bumps ``generation`` once a flush is written."""
+    """An OutputWriter that, once a flush is written, applies it to the in-memory quota
+    ``totals`` and then bumps ``generation``: both move only after the write is durable,
+    and the totals before the generation, so nothing answers older than the rollups."""
 
-    def __init__(self, inner: Any, generation: RollupGeneration) -> None:
+    def __init__(self, inner: Any, generation: RollupGeneration,
+                 totals: RollupTotals | None = None) -> None:
         self._inner = inner
         self._generation = generation
+        self._totals = totals
 
     def write(self, flush: Any) -> None:
-        self._inner.write(flush)
+        refused = getattr(self._inner, "refused", {})
+        refused_before = sum(refused.values())
+        try:
+            self._inner.write(flush)
+        except BaseException:
+            if self._totals is not None:  # part of it may be in the tables: read them
+                self._totals.invalidate()
+            raise
+        if self._totals is not None:
+            self._totals.apply(flush, all_written=sum(refused.values()) == refused_before)
         self._generation.bump()
 
 
@@ -117,6 +135,8 @@ class EmbeddedPipeline:
     registry: Any
     config: Any
     generation: RollupGeneration = field(default_factory=RollupGeneration)
+    totals: RollupTotals | None = None  # loaded before start(): the writer updates them
+    anomalies: Any = None  # AnomalyStageConfig: run the detectors on the rollups
     stop_event: threading.Event = field(default_factory=threading.Event)
     stages: dict[str, _Stage] = field(default_factory=dict)
     # Set by each stage's thread once built, for the metrics collectors (read-only there).
@@ -151,27 +171,42 @@ class EmbeddedPipeline:
 
     def _run_rollups(self) -> None:
         from meterline.aggregators.checkpoints import SqliteCheckpointStore
-        from meterline.aggregators.embedded import EmbeddedRollups, default_checkpoint_path
+        from meterline.aggregators.embedded import (
+            DEFAULT_GROUP,
+            DEFAULT_TOPIC,
+            EmbeddedRollups,
+            build_detectors,
+            default_checkpoint_path,
+        )
         from meterline.aggregators.outputs_io import StorageWriter
         from meterline.aggregators.processor import RollupSettings
 
         r = self.config.rollups
+        settings = RollupSettings(r.allowed_lateness_ms, r.watermark_delay_ms,
+                                  r.dedupe_horizon_ms)
         checkpoint = default_checkpoint_path(self.log.path)
         store = SqliteCheckpointStore(checkpoint)
+        sender = None
         try:
+            options: dict[str, Any] = {}
+            if self.anomalies is not None:
+                # The same detectors as `rollup-local`, checkpointed with the rollups.
+                options["anomalies"], sender = build_detectors(
+                    self.anomalies, self.storage, self.storage.database, DEFAULT_GROUP,
+                    settings, DEFAULT_TOPIC)
             writer = GenerationWriter(StorageWriter(self.storage, database=self.storage.database),
-                                      self.generation)
+                                      self.generation, self.totals)
             runner = EmbeddedRollups(
-                self.log, writer, store, self.registry,
-                settings=RollupSettings(r.allowed_lateness_ms, r.watermark_delay_ms,
-                                        r.dedupe_horizon_ms),
+                self.log, writer, store, self.registry, settings=settings,
                 flush_interval_s=r.flush_interval_s,
                 checkpoint_interval_s=r.checkpoint_interval_s,
-                id_store_dir=checkpoint.with_name(checkpoint.name + ".ids"))
+                id_store_dir=checkpoint.with_name(checkpoint.name + ".ids"), **options)
             self.rollups = runner
             runner.run(stop=self.stop_event.is_set)
         finally:
             store.close()
+            if sender is not None:
+                sender.close()
 
     def collectors(self) -> list[Any]:
         """What ``load-raw`` and ``rollup-local`` export, for this process's /metrics:
@@ -248,6 +283,7 @@ def build(config: Any, settings: ServerSettings) -> Server:
         locked = LockedStorage(storage, threading.RLock())
         writer: EventWriter
         generation: Generation
+        totals: RollupTotals | None = None
         health: Callable[[], dict[str, str]]
         collectors: list[Any] = []
         if settings.pipeline == "embedded":
@@ -255,7 +291,15 @@ def build(config: Any, settings: ServerSettings) -> Server:
 
             local_log = LocalLog(settings.local_log, fsync=settings.local_log_fsync)
             closers.append(local_log.close)
-            pipeline = EmbeddedPipeline(local_log, locked, registry, config)
+            anomalies = None
+            if settings.anomalies:  # a bad anomalies.toml is an error before anything runs
+                from meterline.aggregators.anomaly_config import load_anomaly_config
+
+                anomalies = load_anomaly_config(settings.anomaly_settings,
+                                                known_meters={m.name for m in registry})
+            totals = quota_totals(locked, registry, config)
+            pipeline = EmbeddedPipeline(local_log, locked, registry, config,
+                                        anomalies=anomalies, totals=totals)
             pipeline.start()
             closers.append(pipeline.stop)
             writer = LocalLogWriter(local_log, max_pending_events=settings.max_pending_events)
@@ -267,16 +311,21 @@ def build(config: Any, settings: ServerSettings) -> Server:
 
             transport = KafkaTransport(config.kafka.bootstrap_servers,
                                        delivery_timeout_ms=10_000)
+            # "0": each request its own envelope and produce (the benchmark's baseline).
+            coalesce = os.environ.get("METERLINE_SERVER_COALESCE", "1") != "0"
             writer = KafkaWriter(transport, config.kafka.topic,
-                                 max_pending_events=settings.max_pending_events)
+                                 max_pending_events=settings.max_pending_events,
+                                 coalesce=coalesce)
             generation = TimeGeneration(config.rollups.flush_interval_s)
 
             def health() -> dict[str, str]:
                 return {"ingest": f"kafka topic {config.kafka.topic}"}
         closers.append(writer.close)
         reader = UsageReader(locked, registry, database=storage.database)
-        quotas = QuotaService(reader, ConfigLimits(settings.quotas), generation)
+        quotas = QuotaService(reader, ConfigLimits(settings.quotas), generation,
+                              totals=totals)
         metrics = ServerMetrics()
+        collectors.append(QuotaCollector(quotas))
         app = ServerApp(registry=registry, keys=keys, writer=writer, reader=reader,
                         quotas=quotas, openapi=document(registry, version()),
                         limits=Limits(settings.max_body_bytes, settings.max_events_per_request),
@@ -292,6 +341,21 @@ def build(config: Any, settings: ServerSettings) -> Server:
     server = Server(AsgiAdapter(app), app, closers, metrics_url)
     server.asgi = AsgiAdapter(app, on_shutdown=server.close)
     return server
+
+
+def quota_totals(storage: LockedStorage, registry: Any, config: Any) -> RollupTotals | None:
+    """The in-memory quota totals of the current month, loaded before the stages write.
+    ``METERLINE_QUOTA_TOTALS=0``: none, every quota reads the views (the comparison
+    benchmarks/server_quota.py measures)."""
+    if os.environ.get("METERLINE_QUOTA_TOTALS", "").strip() == "0":
+        return None
+    now = time.time_ns() // 1_000_000
+    retention = config.retention_policy()
+    short = [m.name for m in registry
+             if retention.days_for("daily_rollups_days", m.name) < MIN_RETENTION_DAYS]
+    totals = RollupTotals(month_start_ms(now), short_retention_meters=short)
+    totals.load(storage, storage.database, now)
+    return totals
 
 
 def _serve_metrics(collectors: list[Any], closers: list[Callable[[], None]]) -> str | None:
@@ -333,6 +397,9 @@ def serve(config: Any, settings: ServerSettings, *,
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
     server = build(config, settings)
+    from meterline.server.gc_tuning import tune_for_serving
+
+    tune_for_serving()  # startup done: freeze it, and let request garbage go by refcount
     try:
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"

@@ -9,7 +9,9 @@ durable, or fails with ``Unavailable`` (the caller answers 503 with Retry-After)
   handed it since its last commit (group commit), so a small request does not pay a
   transaction of its own under load.
 - ``KafkaWriter``: produced with the SDK's ``KafkaTransport`` (idempotent, acks=all); the
-  future completes on the last delivery report.
+  future completes on the last delivery report. Likewise one sender thread produces what
+  all concurrent requests handed it since its last pass as shared envelopes (per
+  partition), so a single-event request does not pay an envelope and a produce of its own.
 
 Batches are cut by the SDK's ``build_batches`` (customer -> partition with Kafka's murmur2,
 so a customer's events always share a partition) and numbered by one ``Sequencer`` per
@@ -158,11 +160,25 @@ class LocalLogWriter:
 
 
 class KafkaWriter:
-    """Events into the usage topic with acks=all; futures complete on delivery reports."""
+    """Events into the usage topic with acks=all; futures complete on delivery reports.
+
+    Coalescing (``coalesce=True``, the default): ``write`` only queues the request's items;
+    one sender thread takes everything queued since its last pass and produces it as
+    shared envelopes, one or more per partition (``build_batches`` never mixes
+    partitions). While it builds and produces, and while the event loop holds the GIL
+    handling the other requests of its turn, the next requests queue up, so under load
+    many single-event requests share one envelope and one ``produce`` instead of paying
+    two ULIDs, an encode, a produce and a delivery report each (~200 us; docs/server.md,
+    Performance). Every request of a pass waits for every batch of that pass: its future
+    completes only when all of them are acknowledged, and the first failed delivery fails
+    all of them (each client retries with its own ids, which dedupe). ``coalesce=False``
+    builds and produces each request on the caller's thread, as before (the benchmark's
+    same-run baseline).
+    """
 
     def __init__(self, transport: Any, topic: str, *, max_pending_events: int = 200_000,
-                 clock_ms: Callable[[], int] = _now_ms, metadata_timeout_s: float = 10.0
-                 ) -> None:
+                 clock_ms: Callable[[], int] = _now_ms, metadata_timeout_s: float = 10.0,
+                 coalesce: bool = True) -> None:
         partitions = transport.partition_count(topic, metadata_timeout_s)
         if partitions is None:
             raise Unavailable(f"topic {topic!r} not found (or Kafka unreachable)")
@@ -172,33 +188,75 @@ class KafkaWriter:
         self._sequencer = Sequencer()
         self._clock_ms = clock_ms
         self.admission = _Admission(max_pending_events)
-        self._lock = threading.Lock()
+        self.coalesce = coalesce
+        self._lock = threading.Lock()  # numbers are taken in send order (idempotent order)
+        self._queue: list[tuple[list[Item], Future[None]]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="meterline-kafka-poll",
                                         daemon=True)
         self._poller.start()
+        self._sender: threading.Thread | None = None
+        if coalesce:
+            self._sender = threading.Thread(target=self._run, name="meterline-kafka-send",
+                                            daemon=True)
+            self._sender.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._transport.poll(0.05)
 
     def write(self, items: list[Item]) -> Future[None]:
-        from meterline.sdk.transport import Backpressure
-
         future: Future[None] = Future()
         if not items:
             future.set_result(None)
             return future
         self.admission.admit(len(items))
-        with self._lock:  # numbers are taken in send order (idempotent producer order)
+        if not self.coalesce:
+            self._send([(items, future)])
+            return future
+        with self._cond:
+            if self._stopping:
+                self.admission.release(len(items))
+                raise Unavailable("the server is shutting down", retry_after_s=5)
+            self._queue.append((items, future))
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                work, self._queue = self._queue, []
+            try:
+                self._send(work)
+            except BaseException as exc:  # a bug: fail these requests (500), keep serving
+                log.exception("building Kafka batches failed")
+                for _, future in work:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    def _send(self, work: list[tuple[list[Item], Future[None]]]) -> None:
+        """Produce the items of every request in ``work`` as shared per-partition batches;
+        each request's future completes when the last of those batches is acknowledged."""
+        from meterline.sdk.transport import Backpressure
+
+        items = work[0][0] if len(work) == 1 else [it for chunk, _ in work for it in chunk]
+        count = len(items)
+        with self._lock:
             try:
                 batches = build_batches(items, self._partitions, max_events=BATCH_MAX_EVENTS,
                                         max_bytes=BATCH_MAX_BYTES, source=None,
                                         now_ms=self._clock_ms(), sequencer=self._sequencer)
             except BaseException:
-                self.admission.release(len(items))
+                self.admission.release(count)
                 raise
-            done = _Countdown(batches, future, lambda: self.admission.release(len(items)))
+            done = _Countdown(batches, [future for _, future in work],
+                              lambda: self.admission.release(count))
             for batch in batches:
                 assert batch.partition is not None
                 try:
@@ -207,23 +265,30 @@ class KafkaWriter:
                 except Backpressure:
                     done.report(Unavailable("Kafka producer queue full", retry_after_s=2))
                     break
-        return future
+                except Exception as exc:  # never leave a request waiting for nothing
+                    done.report(exc)
+                    break
 
     def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._sender is not None:
+            self._sender.join(timeout=30)  # what was queued is produced first
         self._stop.set()
         self._poller.join(timeout=5)
         self._transport.close(10.0)
 
 
 class _Countdown:
-    """Completes ``future`` when every batch is acknowledged, or fails it at the first
-    failed delivery (the request is answered 503; its events may partly be written, which
-    the client's retry with the same ids dedupes)."""
+    """Completes every future when every batch is acknowledged, or fails them all at the
+    first failed delivery (each request is answered 503; its events may partly be written,
+    which the client's retry with the same ids dedupes)."""
 
-    def __init__(self, batches: list[EncodedBatch], future: Future[None],
+    def __init__(self, batches: list[EncodedBatch], futures: list[Future[None]],
                  on_settled: Callable[[], None]) -> None:
         self._left = len(batches)
-        self._future = future
+        self._futures = futures
         self._on_settled = on_settled
         self._lock = threading.Lock()
         self._failed = False
@@ -240,9 +305,11 @@ class _Countdown:
                     return
         self._on_settled()
         if error is None:
-            self._future.set_result(None)
-        else:
-            log.warning("Kafka delivery failed: %s", error)
-            retry = error.retry_after_s if isinstance(error, Unavailable) else 5
-            self._future.set_exception(Unavailable(f"Kafka did not acknowledge: {error}",
-                                                   retry_after_s=retry))
+            for future in self._futures:
+                future.set_result(None)
+            return
+        log.warning("Kafka delivery failed: %s", error)
+        retry = error.retry_after_s if isinstance(error, Unavailable) else 5
+        for future in self._futures:
+            future.set_exception(Unavailable(f"Kafka did not acknowledge: {error}",
+                                             retry_after_s=retry))

@@ -3,7 +3,9 @@
 For the end-to-end tests and benchmarks of the rollup stage: batches keyed to partitions
 the way the SDK does it (murmur2 of the customer), event times moving forward with jitter
 (as live traffic does, so the watermark behaves), whole batches resent (SDK retry, spool
-replay) and explicit idempotency keys reused in later batches. ``Truth`` folds every
+replay), client retries under an explicit idempotency key in later batches (count once)
+and the same key reused on another meter or customer (counts: the scope is
+(customer, meter, id)). ``Truth`` folds every
 *distinct* event independently of the rollup code, for the default meters.
 """
 
@@ -75,7 +77,9 @@ def usage_records(events: int, customers: int, partitions: int, *, start_ms: int
     names = [f"cust-{i:05d}" for i in range(customers)]
     part_of = {c: partition_for(c, partitions) for c in names}
     sent: list[Record] = []
-    used_ids: list[str] = []
+    # Events sent under an explicit id: (customer, meter, nanos, ts, dims, id).
+    with_ids: list[tuple[str, str, int, int, dict[str, str], str]] = []
+    scopes: set[tuple[str, str, str]] = set()  # (customer, meter, id) already sent
     made = 0
     b = 0
     while made < events:
@@ -101,15 +105,37 @@ def usage_records(events: int, customers: int, partitions: int, *, start_ms: int
                     dims["region"] = rng.choice(("eu", "us"))
             eid = None
             distinct = True
-            if used_ids and rng.random() < explicit_id_rate * duplicate_id_rate:
-                # The same idempotency key again, in a later batch: must count once. The
-                # repeat carries the original's customer so it lands in its partition.
-                eid = rng.choice(used_ids)
-                c = eid.split("|")[0]
-                distinct = False
+            if with_ids and rng.random() < explicit_id_rate * duplicate_id_rate:
+                # Recent ones: a retry comes soon, inside the allowed lateness (an old
+                # retry would be a late event, another path).
+                original = rng.choice(with_ids[-200:])
+                if rng.random() < 0.8:
+                    # A client retry: the same event under the same idempotency key, in a
+                    # later batch. Counts once.
+                    c, meter, q, ts, dims, eid = original
+                else:
+                    # The same key on another meter of the same customer (one request id
+                    # for two meters) or for another customer: the idempotency scope is
+                    # (customer, meter, id), so this is a new event and counts.
+                    eid = original[5]
+                    if meter == original[1] and c == original[0]:
+                        meter = next(m for m in METERS if m != original[1]
+                                     and METERS[m] in ("sum", "count")
+                                     and m in DIMENSIONS)
+                        dim, values = DIMENSIONS[meter]
+                        dims = {dim: values[0]}
+                        if meter == "api_calls":
+                            dims["region"] = "eu"
+                        q = SCALE if meter == "api_calls" else q
+                    with_ids.append((c, meter, q, ts, dims, eid))
             elif rng.random() < explicit_id_rate:
                 eid = f"{c}|k{made}"
-                used_ids.append(eid)
+                with_ids.append((c, meter, q, ts, dims, eid))
+            if eid is not None:
+                # The first event sent under a scope counts; a later one (a retry, or a
+                # reuse that happened to pick a scope already sent) does not.
+                distinct = (c, meter, eid) not in scopes
+                scopes.add((c, meter, eid))
             if distinct and truth is not None:
                 truth.add(c, meter, q, ts, dims)
             by_part.setdefault(part_of[c], []).append((c, meter, q, ts, eid, dims))

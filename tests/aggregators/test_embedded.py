@@ -8,6 +8,7 @@ import random
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,3 +282,43 @@ def test_on_step_reports_records_and_events(tmp_path: Path) -> None:
 
 def test_default_checkpoint_path_sits_next_to_the_log(tmp_path: Path) -> None:
     assert default_checkpoint_path(tmp_path / "log.db") == tmp_path / "log.rollup-checkpoints.db"
+
+
+def test_dump_reads_late_unique_count_windows_through_the_registry(
+        tmp_path: Path, migrated_storage: object, now_ms: int) -> None:
+    """`--dump` reads totals the way a reader with the meter registry does: a unique_count
+    window whose late event is in raw_events is re-aggregated (3 users), not left with
+    the late user pending (2). Truth: the distinct users of the seeded events."""
+    from meterline.aggregators.embedded import _dump
+    from meterline.core.outputs import LateRecord, RollupRecord
+    from meterline.sinks.raw_events import RawEventColumns, insert_raw_events
+    from meterline.sinks.rollups import write_flush
+
+    storage: Any = migrated_storage
+    hour = now_ms - now_ms % (24 * HOUR_MS) - 2 * 24 * HOUR_MS + 3 * HOUR_MS
+    users = [("e1", "u1", 10, False), ("e2", "u2", 11, False), ("e3", "u1", 12, False),
+             ("late", "u3", 100, True)]
+    for eid, user, offset, _late in users:
+        insert_raw_events(storage, RawEventColumns(
+            event_id=[eid], batch_id=["b"], customer=["acme"], meter=["users"],
+            quantity_nano=[SCALE], timestamp_ms=[hour + offset], dimensions=[{"user_id": user}],
+            source=["local"], ingested_at_ms=[hour + offset], source_partition=[0],
+            source_offset=[offset], position=[0]))
+    on_time = len({u for _e, u, _o, late in users if not late})
+    rollups = [RollupRecord(window=window, customer="acme", meter="users", group=(),
+                            window_start_ms=start, window_end_ms=start + span,
+                            aggregation="unique_count", value_nanos=on_time * SCALE, events=3,
+                            version=3, source="local", partition=0)
+               for window, start, span in (("hourly", hour, HOUR_MS),
+                                           ("daily", hour - 3 * HOUR_MS, 24 * HOUR_MS))]
+    late = [LateRecord(source="local", partition=0, offset=100, position=0, event_id="late",
+                       customer="acme", meter="users", group=(), quantity_nanos=SCALE,
+                       timestamp_ms=hour + 100, window_start_ms=hour,
+                       received_at_ms=hour + 4 * HOUR_MS)]
+    write_flush(storage, Flush(rollups=rollups, late=late))
+    path = tmp_path / "dump.json"
+    _dump(storage, storage.database, path, REGISTRY)
+    doc = json.loads(path.read_text())
+    distinct = len({u for _e, u, _o, _late in users})
+    assert doc["hour"] == [["acme", "users", hour, distinct * SCALE]]
+    assert doc["anomalies"] == [] and doc["anomaly_copies"] == {}

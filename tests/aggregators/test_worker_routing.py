@@ -81,8 +81,9 @@ def test_late_too_late_and_invalid_events_are_routed(
            "METERLINE_TOPIC": topic, "METERLINE_ROLLUP_GROUP": group,
            "METERLINE_CHECKPOINT_INTERVAL_S": "0.5"}
     with open(tmp_path / "worker.log", "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "meterline.cli", "--log-format", "json",
-                                   "worker"], env=env,
+        # -v: the worker is quiet by default; its (and Faust's) INFO lines must be JSON too
+        worker = subprocess.Popen([sys.executable, "-m", "meterline.cli", "-v", "--log-format",
+                                   "json", "worker"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90

@@ -183,3 +183,30 @@ def test_format_nanos_round_trips() -> None:
         assert not (("." in text) and text.endswith("0"))
         assert to_nanos(text) == nanos
         assert to_nanos(to_decimal(nanos)) == nanos
+
+
+def test_decimal_fast_path_agrees_with_the_digit_path() -> None:
+    """_decimal_to_nanos's shift-and-compare path returns only when exact; every other
+    value falls through to the digit path. Both must agree on value or on the error."""
+    import random
+
+    from meterline.core.quantity import _decimal_digits_to_nanos, _decimal_to_nanos
+
+    rng = random.Random(9)
+    edge = ["0", "-0", "0E+100", "0E-100", "1E+28", "9.999999999E+28", "1E+29", "1E-9",
+            "1E-10", "1.0000000000", "1.00000000000000000000000000000000000000000000",
+            "12345678901234567890.123456789", "99999999999999999999999999999.999999999",
+            "-99999999999999999999999999999.999999999", "1E+999999", "1E-999999"]
+    values = [Decimal(v) for v in edge]
+    for _ in range(3000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 45)))
+        values.append(Decimal(f"{rng.choice('-+')}{digits}E{rng.randint(-50, 40)}"))
+
+    def outcome(fn: object, value: Decimal) -> object:
+        try:
+            return fn(value)  # type: ignore[operator]
+        except QuantityError as exc:
+            return ("error", str(exc))
+
+    for value in values:
+        assert outcome(_decimal_to_nanos, value) == outcome(_decimal_digits_to_nanos, value), value

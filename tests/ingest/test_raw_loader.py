@@ -288,11 +288,10 @@ def test_raw_and_rollup_stages_count_the_same_usage(migrated_storage: Any) -> No
                              ("beta", "tokens"): (1, 7 * 10**9)}
 
 
-def test_meterline_usage_does_not_list_dead_lettered_events(
-        migrated_storage: Any, monkeypatch: Any, capsys: Any) -> None:
-    """issue 11: `meterline usage` listed an unknown meter's events as usage."""
-    import meterline.sinks.storage as storage_mod
-    from meterline.demo import print_usage
+def test_raw_summary_does_not_list_dead_lettered_events(migrated_storage: Any) -> None:
+    """issue 11: raw usage listed an unknown meter's events. (`meterline usage` now reads
+    the rollups: tests/test_usage_cli.py.)"""
+    from meterline.sinks.raw_events import UsageSummaryQuery
 
     now = _now_ms()
     payload = encode_batch(Batch("u", now, ["acme"] * 3, ["llm_tokens", "no_such_meter",
@@ -303,18 +302,7 @@ def test_meterline_usage_does_not_list_dead_lettered_events(
                             REGISTRY, clock_ms=lambda: now)
     assert loader.run_once().by_reason == {"event.unknown_meter": 1,
                                            "event.negative_quantity": 1}
-
-    class Unclosed:  # print_usage closes what it opened; the fixture owns this one
-        def __getattr__(self, name: str) -> Any:
-            return getattr(migrated_storage, name)
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(storage_mod, "open_storage", lambda _cfg: Unclosed())
-    config = AppConfig()
-    print_usage(config, "acme", None)
-    out = capsys.readouterr().out
-    assert "no_such_meter" not in out
-    [line] = [ln for ln in out.splitlines() if ln.startswith("llm_tokens")]
-    assert line.split()[1:] == ["1", "2"]  # one event, 2 tokens: the negative one is out
+    rows = UsageSummaryQuery(customer="acme", database=migrated_storage.database).run(
+        migrated_storage)
+    # one event, 2 tokens: the negative one and the unknown meter are out
+    assert [(r.meter, r.events, r.quantity_nano) for r in rows] == [("llm_tokens", 1, 2 * 10**9)]

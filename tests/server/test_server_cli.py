@@ -24,7 +24,7 @@ def test_keys_lifecycle_and_config_after_subcommand(tmp_path: Path) -> None:
     key_id = key.split("_")[1]
     listed = meterline("--config", str(config), "keys", "list")  # ... and before it
     assert key_id in listed.stdout and "read,ingest" in listed.stdout
-    assert key not in listed.stdout and key.split("_")[2] not in listed.stdout
+    assert key not in listed.stdout and key.split("_", 2)[2] not in listed.stdout
     assert meterline("keys", "revoke", key_id, "--config", str(config)).returncode == 0
     assert "revoked" in meterline("keys", "list", "--config", str(config)).stdout
     again = meterline("keys", "revoke", key_id, "--config", str(config))
@@ -38,9 +38,22 @@ def test_keys_lifecycle_and_config_after_subcommand(tmp_path: Path) -> None:
 def test_bad_server_section_reports_every_error(tmp_path: Path) -> None:
     config = tmp_path / "m.toml"
     config.write_text('[server]\nport = "x"\npipeline = "cloud"\nbogus = 1\n'
+                      'anomalies = "yes"\nanomaly_settings = 3\n'
                       '[[server.quotas]]\nmeter = "nope"\nlimit = 0.1\n')
     out = meterline("serve", "--config", str(config))
     assert out.returncode == 2
     for needle in ("port must be", "pipeline must be", "unknown key 'bogus'",
+                   "anomalies must be true or false", "anomaly_settings must be a path",
                    "meter 'nope'", "limit 0.1"):
         assert needle in out.stderr, out.stderr
+
+
+def test_a_bad_anomaly_settings_file_stops_serve_before_it_listens(tmp_path: Path) -> None:
+    settings = tmp_path / "anomalies.toml"
+    settings.write_text("[detectr]\n")
+    config = tmp_path / "m.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "chdb"}"\n'
+                      f'[server]\nport = 0\nanomaly_settings = "{settings}"\n')
+    out = meterline("serve", "--config", str(config))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "unknown section [detectr]" in out.stderr and "listening" not in out.stdout

@@ -294,3 +294,29 @@ def test_unknown_or_missing_key_is_401(server: Any) -> None:
     r = httpx.get(f"{server.url}/api/v1/usage/c/llm_tokens", timeout=30,
                   headers={"authorization": f"Bearer {fake}"})
     assert r.status_code == 401
+
+
+def test_the_embedded_pipeline_runs_the_anomaly_detectors(
+        server: Any, settle: Callable[..., Any]) -> None:
+    """`serve` runs the same detectors as `rollup-local` (on by default), checkpointed with
+    the rollups: their state appears in the rollup checkpoint store once rows flowed."""
+    import sqlite3
+
+    customer = f"anom-{uuid.uuid4().hex[:8]}"
+    with _client(server, server.keys["a"]) as c:
+        r = c.post("/api/v1/events", json={"event": {
+            "transaction_id": "an-1", "external_subscription_id": customer,
+            "code": "api_calls", "timestamp": int(time.time()), "properties": {}}})
+        assert r.status_code == 200, r.text
+    settle(lambda: _total(server, server.keys["a"], customer, "api_calls"), Decimal(1))
+    store = server.config.parent / "local-log.rollup-checkpoints.db"
+
+    def detector_keys() -> bool:
+        db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+        try:
+            return bool(db.execute("SELECT count() FROM checkpoints "
+                                   "WHERE key LIKE 'rollups.anomalies/%'").fetchone()[0])
+        finally:
+            db.close()
+
+    settle(detector_keys, True)

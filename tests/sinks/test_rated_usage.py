@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
+from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
@@ -24,7 +25,7 @@ from meterline.core.billing import (
     subscribe,
 )
 from meterline.core.billing.periods import add_months, month_start
-from meterline.core.outputs import Flush, RollupRecord
+from meterline.core.outputs import Flush, LateRecord, RollupRecord
 from meterline.core.quantity import SCALE
 from meterline.rating.stage import rate, reconcile, simulate
 from meterline.sinks.billing_events import BillingLedger, EventsQuery
@@ -319,7 +320,7 @@ def test_rerating_after_a_change_tombstones_lines_no_longer_produced(
     assert _rate(setup, rated_at_ms=4).deleted == 0
 
 
-def test_closed_periods_are_never_rewritten_and_drift_is_reported(
+def test_closed_periods_are_never_rewritten_and_get_a_correction_of_the_difference(
         setup: dict[str, Any]) -> None:
     storage, ledger, month, end = (setup["storage"], setup["ledger"], setup["month"],
                                    setup["end"])
@@ -337,14 +338,67 @@ def test_closed_periods_are_never_rewritten_and_drift_is_reported(
     _load(storage, setup["events"] + late, end + DAY)
     again = rate(storage, ledger.reload(), period=setup["period"], as_of_ms=end + DAY,
                  settle_ms=3 * HOUR, rated_at_ms=2)
-    assert CurrentLinesQuery(database=storage.database, subscription_id="s0").run(
-        storage) == invoiced
-    assert len(again.corrections_needed) == 1
-    assert "api_calls:count" in again.corrections_needed[0]
-    # Reconcile sees the rated quantity of the closed line differ from raw and rollups.
-    drift = [r for r in reconcile(storage, ledger.state, period=setup["period"]) if r.drift]
-    assert [(r.subscription_id, r.meter, r.rated is not None and r.rollup - r.rated)
-            for r in drift] == [("s0", "api_calls", Decimal(500))]
+    now = CurrentLinesQuery(database=storage.database, subscription_id="s0").run(storage)
+    # The invoiced lines are untouched; one correction line is new.
+    assert [ln for ln in now if ln.correction == 0] == invoiced
+    calls_before = _truth_quantity(setup["events"], "c0", "api_calls", "count", month, end)
+    calls_after = calls_before + 500
+    fee = [_cents(_per_unit_graduated(q, 100, Decimal("0.05")))
+           for q in (calls_before, calls_after)]
+    (fix,) = [ln for ln in now if ln.correction]
+    assert again.corrections == [fix]
+    assert (fix.line_id, fix.correction, fix.corrects, fix.quantity, fix.amount) == (
+        fix.corrects, 1, f"{month}/usage/api_calls:count", Decimal(500), fee[1] - fee[0])
+    # Line plus correction is the period as rated now; reconcile sees no drift.
+    assert not [r for r in reconcile(storage, ledger.state, period=setup["period"])
+                if r.drift]
+    # Idempotent: a re-run finds nothing more to correct.
+    third = rate(storage, ledger.reload(), period=setup["period"], as_of_ms=end + DAY,
+                 settle_ms=3 * HOUR, rated_at_ms=3)
+    assert third.corrections == [] and third.written == sum(
+        1 for ln in third.lines if ln.subscription_id != "s0")
+    # More late usage later: a second correction, of the new difference only.
+    more = [("c0", "api_calls", month + 3 * DAY, SCALE, {"region": "b"}, f"later{i}")
+            for i in range(20)]
+    _load(storage, setup["events"] + late + more, end + DAY)
+    fourth = rate(storage, ledger.reload(), period=setup["period"], as_of_ms=end + DAY,
+                  settle_ms=3 * HOUR, rated_at_ms=4)
+    assert [(f.correction, f.quantity, f.amount) for f in fourth.corrections] == [
+        (2, Decimal(20), _cents(_per_unit_graduated(calls_after + 20, 100, Decimal("0.05")))
+         - fee[1])]
+
+
+def test_late_events_restated_into_the_rollups_reach_the_bill_once(
+        setup: dict[str, Any]) -> None:
+    """Late events that never entered a rollup (late_events, restated by the usage views)
+    are billed: an open period's line follows them; a resend of one counts once."""
+    storage, month = setup["storage"], setup["month"]
+    before = {ln.line_id: ln for ln in _rate(setup, rated_at_ms=1).lines
+              if ln.subscription_id == "s0"}
+    h = month + 3 * DAY
+    late = [LateRecord(source="usage", partition=0, offset=10_000 + i, position=0,
+                       event_id=f"tok{i}", customer="c0", meter="llm_tokens",
+                       group=(("model", "s"),), quantity_nanos=1000 * SCALE,
+                       timestamp_ms=h + 5, window_start_ms=h, received_at_ms=h + 5 * HOUR)
+            for i in range(3)]
+    # tok0 is delivered twice (an SDK resend: a new record, later in the log).
+    late.append(replace(late[0], offset=20_000))
+    write_flush(storage, Flush(late=late), clock_ms=lambda: h + 5 * HOUR)
+    insert_raw_events(storage, RawEventColumns(
+        event_id=[x.event_id for x in late], batch_id=["b"] * 4, customer=["c0"] * 4,
+        meter=["llm_tokens"] * 4, quantity_nano=[x.quantity_nanos for x in late],
+        timestamp_ms=[x.timestamp_ms for x in late], dimensions=[{"model": "s"}] * 4,
+        source=["usage"] * 4, ingested_at_ms=[h] * 4, source_partition=[0] * 4,
+        source_offset=[x.offset for x in late], position=[0] * 4))
+    after = {ln.line_id: ln for ln in _rate(setup, rated_at_ms=2).lines
+             if ln.subscription_id == "s0"}
+    key = f"{month}/usage/llm_tokens:sum"
+    assert after[key].quantity - before[key].quantity == 3000
+    tokens = _truth_quantity(setup["events"], "c0", "llm_tokens", "sum", month,
+                             setup["end"]) + 3000
+    assert after[key].amount == _cents(tokens * Decimal("0.00042"))
+    assert not [r for r in reconcile(storage, setup["ledger"].state, period=setup["period"])
+                if r.drift]
 
 
 def test_reconcile_flags_raw_events_missing_from_rollups(setup: dict[str, Any]) -> None:
@@ -420,3 +474,71 @@ def test_period_quantities_combine_source_partitions_and_hour_edges(chdb_storage
     got = StorageUsageReader(chdb_storage).quantities(reqs)
     hours_in = (end - start) // HOUR
     assert [got[r] for r in reqs] == [truth_sum, 2 * hours_in, truth_max, latest]
+
+
+def test_unique_count_query_applies_the_dedup_views_first_delivery_rule(
+        chdb_storage: Any) -> None:
+    """unique_count_sql reads raw_events with raw_events_deduplicated's rule (the first
+    delivery of an event id wins: its timestamp and its dimensions); it must count what
+    the view counts, also for resent events whose later copies differ."""
+    from meterline.sinks.rated_usage import unique_count_sql
+
+    migrate(chdb_storage)
+    day0 = month_start(time.time_ns() // 1_000_000)
+    start, end = day0 + DAY, day0 + 3 * DAY
+    # (event_id, customer, timestamp, dimensions, partition, offset)
+    rows = [
+        ("e1", "c", start, {"user_id": "a"}, 0, 5),
+        ("e1", "c", start, {"user_id": "b"}, 0, 9),  # resend: the first copy counts
+        ("e2", "c", start - HOUR, {"user_id": "x"}, 1, 1),  # first copy before the range
+        ("e2", "c", start + HOUR, {"user_id": "y"}, 1, 7),
+        ("e3", "c", start + HOUR, {}, 0, 2),  # first copy without the dimension
+        ("e3", "c", start + HOUR, {"user_id": "z"}, 0, 3),
+        ("e4", "c", end - 1, {"user_id": "a"}, 2, 1),
+        ("e5", "c", end, {"user_id": "q"}, 2, 2),  # at the end: outside
+        ("e6", "d", start, {"user_id": "q"}, 0, 1),
+        ("e6", "d", start, {"user_id": "q"}, 0, 1),  # the same delivery twice
+        ("e7", "d", start + 2 * HOUR, {"user_id": "r"}, 3, 0),
+    ]
+    insert_raw_events(chdb_storage, RawEventColumns(
+        event_id=[r[0] for r in rows], batch_id=["b"] * len(rows),
+        customer=[r[1] for r in rows], meter=["active_users"] * len(rows),
+        quantity_nano=[SCALE] * len(rows), timestamp_ms=[r[2] for r in rows],
+        dimensions=[r[3] for r in rows], source=["usage"] * len(rows),
+        ingested_at_ms=[day0] * len(rows), source_partition=[r[4] for r in rows],
+        source_offset=[r[5] for r in rows], position=[0] * len(rows)))
+    db = chdb_storage.database
+    via_view = sorted(chdb_storage.query_rows(
+        "SELECT customer, meter, uniqExact(dimensions['user_id'])\n"
+        f"FROM {db}.raw_events_deduplicated\n"
+        "WHERE meter = 'active_users' AND timestamp_ms >= {start:Int64}\n"
+        "  AND timestamp_ms < {end:Int64} AND mapContains(dimensions, 'user_id')\n"
+        "GROUP BY customer, meter", {"start": start, "end": end}))
+    for customers in (None, ("c", "d")):
+        got = sorted(chdb_storage.query_rows(*unique_count_sql(
+            db, start, end, ("active_users",), customers, "user_id")))
+        assert got == via_view == [("c", "active_users", 1), ("d", "active_users", 2)]
+
+
+def test_decimal_read_back_fast_path_is_the_nano_conversion() -> None:
+    """rated_usage._decimal quantizes instead of going through nano-unit ints; it must
+    give the same value and exponent, and refuse the same values."""
+    from meterline.core.quantity import QuantityError, to_decimal, to_nanos
+    from meterline.sinks.rated_usage import _decimal
+
+    rng = random.Random(3)
+    values = [Decimal(v) for v in ("0", "-0", "0E-9", "0E+5", "1E+3", "-2.5", "1E-9",
+                                   "1E-10", "99999999999999999999999999999.999999999",
+                                   "1E+29", "123.4560000000000", "NaN", "Infinity")]
+    values += [Decimal(rng.randint(-10**20, 10**20)).scaleb(-rng.randint(0, 12))
+               for _ in range(2000)]
+
+    def outcome(fn: Any, value: Decimal) -> Any:
+        try:
+            return repr(fn(value))
+        except (QuantityError, ArithmeticError) as exc:
+            return type(exc).__name__, str(exc)
+
+    for value in values:
+        assert outcome(_decimal, value) == outcome(
+            lambda v: to_decimal(to_nanos(v)), value), value

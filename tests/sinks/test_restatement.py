@@ -249,6 +249,30 @@ def test_a_resend_after_the_dedupe_horizon_of_a_counted_event_is_not_restated_ag
                        ("acme", "llm_tokens", "counted_before"): LateTotals(1, 4 * NANO)}
 
 
+def test_a_late_event_resent_into_the_same_window_counts_once_after_merges(
+    migrated_storage: Any, now_ms: int
+) -> None:
+    h = _hour(now_ms, -30)
+    # "x" was never counted on time: its first delivery (offset 10) was already too late,
+    # and an SDK resend (a new record, offset 20) arrived after the fold forgot the id.
+    # Both deliveries are in raw and in late_events, in the same window. Keyed by the
+    # event alone, late_events kept the later copy after a merge and the view took raw's
+    # first delivery for an earlier count: the event vanished from the totals.
+    insert_raw_events(migrated_storage, _raw("x", h + 7, 5 * NANO, offset=10))
+    insert_raw_events(migrated_storage, _raw("x", h + 7, 5 * NANO, offset=20))
+    write_flush(migrated_storage, Flush(rollups=[_rollup(h, 2 * NANO, 1)],
+                                        late=[_late(h, "x", 5 * NANO, offset=10)]))
+    write_flush(migrated_storage, Flush(late=[_late(h, "x", 5 * NANO, offset=20)]))
+    # Force the merges ClickHouse would do in the background some time later.
+    migrated_storage.execute(f"OPTIMIZE TABLE {migrated_storage.database}.late_events FINAL")
+
+    assert _usage(migrated_storage, h) == [RollupUsageRow(h, dict(GROUP), 7 * NANO, 2, 1)]
+    reasons = LateRestatementQuery(database=migrated_storage.database).run(migrated_storage)
+    assert reasons == {("acme", "llm_tokens", ""): LateTotals(1, 5 * NANO)}
+    assert LateEventsQuery(database=migrated_storage.database).run(migrated_storage) == {
+        ("acme", "llm_tokens"): LateTotals(1, 5 * NANO)}
+
+
 def test_restated_totals_beyond_2_53_nanos_and_decimal_38_are_exact(
     migrated_storage: Any, now_ms: int
 ) -> None:
@@ -280,3 +304,18 @@ def test_the_horizon_is_read_from_the_config_and_checked_with_the_rest(tmp_path:
         load_config(path, env={})
     errors = " ".join(info.value.errors)
     assert "restatement_horizon_days" in errors and "raw_events_days" in errors
+
+
+@pytest.mark.parametrize("name", ["m", "l", "u", "r"])
+def test_a_database_named_like_a_view_alias_migrates(chdb_engine: Any, name: str) -> None:
+    # The views alias subqueries; a one-letter database name equal to an alias made
+    # `<db>.late_events_restated` unresolvable (seen with a database named m).
+    from meterline.sinks.chdb_backend import ChdbStorage
+
+    storage = ChdbStorage(chdb_engine.data_dir, name)
+    try:
+        run_migrate(storage)
+        assert storage.query_rows(f"SELECT count() FROM {name}.hourly_usage") == [(0,)]
+    finally:
+        storage.execute(f"DROP DATABASE IF EXISTS {name} SYNC")
+        storage.close()

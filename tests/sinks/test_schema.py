@@ -128,10 +128,11 @@ CREATE TABLE IF NOT EXISTS meterline.late_events
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(fromUnixTimestamp64Milli(window_start_ms, 'UTC'))
-ORDER BY (customer, meter, window_start_ms, event_id)
+ORDER BY (customer, meter, window_start_ms, event_id, source_partition, source_offset, position)
 TTL least(toDateTime(intDiv(window_start_ms, 1000)), \
 toDateTime(4294967295) - toIntervalDay(400)) + toIntervalDay(400)
-COMMENT 'Events that arrived after their window closed: in no rollup; read FINAL'"""
+COMMENT 'Events that arrived after their window closed, one row per delivery: in no rollup; \
+read through late_events_restated'"""
 
 # The partition-combining part of the usage views (unchanged by restatement): FINAL first,
 # then one value per window key by aggregation.
@@ -450,7 +451,7 @@ def test_plan_on_an_empty_database_creates_everything() -> None:
             "toDateTime(4294967295) - toIntervalDay(35)) + toIntervalDay(35)")
     assert plan.meta_updates["ttl.dead_letters"].endswith("toIntervalDay(90)")
     assert plan.meta_updates["ttl.late_events"].endswith("toIntervalDay(400)")
-    assert plan.meta_updates["schema_version"] == "4"
+    assert plan.meta_updates["schema_version"] == "5"
     for view in ("raw_events_deduplicated", "hourly_usage", "daily_usage"):
         assert f"view_sha256.{view}" in plan.meta_updates
 
@@ -527,7 +528,7 @@ def test_migrate_creates_tables_and_is_idempotent(chdb_storage: Any) -> None:
     assert {t.name for t in TABLES} | {v.name for v in VIEWS} | {"schema_meta"} <= set(
         state.existing_tables
     )
-    assert state.meta["schema_version"] == "4"
+    assert state.meta["schema_version"] == "5"
     second = migrate(chdb_storage)
     assert second.empty
 

@@ -84,9 +84,17 @@ class AnomalyEngine:
         """Every window up to and including ``through_window_start_ms`` is complete (the
         watermark passed its end): series with no value there get zeros, so a series that
         went silent is noticed now and not at its next event. Visits every series."""
+        # Only series behind that window get zeros; the others would return nothing, so
+        # they are skipped before the sort (the stage calls this every hour for every
+        # partition, usually with every series up to date). SeriesKey sorts as _order.
+        behind = [(key, detector) for key, detector in self._series.items()
+                  if detector.last_ms is not None
+                  and detector.last_ms < through_window_start_ms]
+        if not behind:
+            return []
         events: list[EpisodeEvent] = []
-        for key in sorted(self._series, key=_order):  # a fixed order: deterministic output
-            events += self._series[key].advance(through_window_start_ms)
+        for _, detector in sorted(behind):  # a fixed order: deterministic output
+            events += detector.advance(through_window_start_ms)
         return events
 
     def existing(self, series: SeriesKey) -> SeriesDetector | None:

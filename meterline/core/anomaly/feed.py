@@ -35,7 +35,7 @@ hours per series) and two watermarks per source partition; ``export_state`` /
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +161,20 @@ class RollupFeed:
         newest version per (series, window), then feed every window that became final
         and raise early warnings for the windows these rows changed."""
         result = FeedResult()
+        early = self.feed.early_warning
+        # Source partitions with rows that changed a pending window, and (for the early
+        # warnings) which (series, window) pairs they changed.
         touched: dict[tuple[str, int], set[tuple[SeriesKey, int]]] = {}
+        # The hot loop of the stage (several rows per series and window): the source, its
+        # window dict and the touched set are looked up again only when they change (rows
+        # come grouped), and keys are built without SeriesKey.__new__'s Python frame.
+        make_key = tuple.__new__
+        src: _SourceFeed | None = None
+        src_name: tuple[str, int] | None = None
+        windows: dict[SeriesKey, tuple[int, int]] = {}
+        windows_start = _NONE
+        changed: set[tuple[SeriesKey, int]] = set()
+        rows_seen = 0
         for row in rows:
             if row.window != "hourly":
                 result.ignored += 1
@@ -169,23 +182,34 @@ class RollupFeed:
             start = row.window_start_ms
             if type(start) is not int or start % HOUR_MS:
                 raise AnomalyError(f"hourly row with window_start_ms {start!r} off the hour")
-            src = self._source(row.source, row.partition)
+            if (src is None or row.partition != src_name[1]  # type: ignore[index]
+                    or row.source != src_name[0]):  # type: ignore[index]
+                src_name = (row.source, row.partition)
+                src = self._source(row.source, row.partition)
+                windows_start = _NONE
             if start < src.closed_before_ms:
                 result.stale += 1
                 continue
-            series = SeriesKey(row.customer, row.meter, row.group)
-            windows = src.pending.setdefault(start, {})
+            series: SeriesKey = make_key(SeriesKey, (row.customer, row.meter, row.group))
+            if start != windows_start:
+                windows = src.pending.setdefault(start, {})
+                windows_start = start
             held = windows.get(series)
             if held is None or row.version > held[0]:
                 windows[series] = (row.version, row.value_nanos)
-                touched.setdefault((row.source, row.partition), set()).add((series, start))
-            result.rows += 1
+                if src_name not in touched:
+                    touched[src_name] = set()  # type: ignore[index]
+                if early:
+                    changed = touched[src_name]  # type: ignore[index]
+                    changed.add((series, start))
+            rows_seen += 1
             if start > src.max_start_ms:
                 src.max_start_ms = start
+        result.rows = rows_seen
         for name in sorted(touched):
             src = self._sources[name]
             self._close(src, result)
-            if self.feed.early_warning:
+            if early:
                 self._early(src, touched[name], result)
         return result
 
@@ -215,8 +239,13 @@ class RollupFeed:
                 w = min(later)
                 continue
             if rows:
-                for series in sorted(rows, key=_order):
-                    events += engine.observe(series, w, rows[series][1] / NANOS)
+                # A SeriesKey sorts as (customer, meter, group), the fixed order; keys are
+                # unique, so the held (version, value) is never compared.
+                observe = engine.observe
+                for series, held in sorted(rows.items()):
+                    found = observe(series, w, held[1] / NANOS)
+                    if found:
+                        events += found
             events += engine.advance(w)
             result.windows_closed += 1
             w += HOUR_MS
@@ -226,10 +255,14 @@ class RollupFeed:
 
     def _early(self, src: _SourceFeed, touched: set[tuple[SeriesKey, int]],
                result: FeedResult) -> None:
-        for series, start in sorted(touched, key=lambda sw: (sw[1], _order(sw[0]))):
+        # Peeking changes nothing, so the (rare) warnings are put in order afterwards
+        # instead of sorting every touched row first: the same events, the same order.
+        found = []
+        existing = src.engine.existing
+        for series, start in touched:
             if start < src.closed_before_ms or (series, start) in src.warned:
                 continue
-            detector = src.engine.existing(series)
+            detector = existing(series)
             if detector is None:
                 continue
             episode = detector.open_episode
@@ -237,35 +270,55 @@ class RollupFeed:
                 continue  # already alerting about exactly this
             held = src.pending[start][series]
             anomaly = detector.peek_partial(start, held[1] / NANOS)
-            if anomaly is None:
-                continue
+            if anomaly is not None:
+                found.append((start, _order(series), series, anomaly))
+        for start, _, series, anomaly in sorted(found, key=lambda f: (f[0], f[1])):
             src.warned.add((series, start))
             result.events.append(EpisodeEvent(EARLY, series, start, -1, start, anomaly,
                                               0))
 
     # -- state --------------------------------------------------------------------------
 
-    def export_state(self) -> dict[str, Any]:
-        """Everything as JSON-able data, in a fixed order."""
+    def export_state(self, *, engines: bool = True) -> dict[str, Any]:
+        """Everything as JSON-able data, in a fixed order.
+
+        ``engines=False`` leaves each source's detector state out (``None`` in its place):
+        that state changes only when a window closes (hourly), the rest (pending rows,
+        clocks) with every row, so a checkpoint can save the two apart and rewrite the big
+        part only when it changed (:meth:`export_engine`, ``restore_state(engines=)``)."""
         sources = []
         for name in sorted(self._sources):
             src = self._sources[name]
-            pending = [[w, [[s.to_plain(), v, n] for s, (v, n) in
+            pending = [[w, [[s.to_plain(), v, _json_int(n)] for s, (v, n) in
                             sorted(src.pending[w].items(), key=lambda kv: _order(kv[0]))]]
                        for w in sorted(src.pending)]
             warned = [[s.to_plain(), w] for s, w in
                       sorted(src.warned, key=lambda sw: (sw[1], _order(sw[0])))]
             sources.append([name[0], name[1], src.max_start_ms, src.closed_before_ms,
-                            src.engine.export_state(), pending, warned])
+                            src.engine.export_state() if engines else None, pending, warned])
         return {"v": FEED_STATE_VERSION, "sources": sources}
 
-    def restore_state(self, state: dict[str, Any]) -> None:
+    def export_engine(self, source: str, partition: int) -> dict[str, Any] | None:
+        """One source's detector state (what ``export_state(engines=False)`` leaves out)."""
+        found = self._sources.get((source, partition))
+        return None if found is None else found.engine.export_state()
+
+    def restore_state(self, state: dict[str, Any],
+                      engines: Mapping[tuple[str, int], dict[str, Any]] | None = None
+                      ) -> None:
+        """Replace everything with ``export_state`` output; a source saved without its
+        engine takes it from ``engines[(source, partition)]``."""
         if not isinstance(state, dict) or state.get("v") != FEED_STATE_VERSION:
             raise AnomalyError(f"unsupported feed state (want v={FEED_STATE_VERSION})")
         restored: dict[tuple[str, int], _SourceFeed] = {}
         try:
             for source, partition, max_start, closed, engine, pending, warned in \
                     state["sources"]:
+                if engine is None:
+                    engine = (engines or {}).get((str(source), int(partition)))
+                    if engine is None:
+                        raise AnomalyError(f"feed state of {source}[{partition}] was saved "
+                                           f"without its engine and none was given")
                 src = _SourceFeed(AnomalyEngine.from_state(engine, self.settings))
                 src.max_start_ms = int(max_start)
                 src.closed_before_ms = int(closed)
@@ -281,7 +334,19 @@ class RollupFeed:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], settings: AnomalySettings | None = None,
-                   feed: FeedSettings | None = None) -> RollupFeed:
+                   feed: FeedSettings | None = None, *,
+                   engines: Mapping[tuple[str, int], dict[str, Any]] | None = None
+                   ) -> RollupFeed:
         out = cls(settings, feed)
-        out.restore_state(state)
+        out.restore_state(state, engines)
         return out
+
+
+_INT64 = 1 << 63
+
+
+def _json_int(value: int) -> int | str:
+    """A window total for JSON state: exact totals reach 10^38 nano-units (Decimal(38, 9)),
+    beyond the 64-bit integers JSON encoders (orjson) take, so those go as decimal text;
+    ``restore_state`` reads either with ``int()``."""
+    return value if -_INT64 <= value < _INT64 else str(value)

@@ -98,15 +98,15 @@ class SeasonalDetector(Baseline):
         r = math.log((x + c) / (e + c))
         s = self.scale
         width = self.z * s
-        if width < self.tail_k * self.tail * s:
-            width = self.tail_k * self.tail * s
+        tail_w = self.tail_k * self.tail * s
+        if width < tail_w:
+            width = tail_w
         if width < self.floor:
             width = self.floor
         ar = r if r >= 0.0 else -r
         judged = n >= self.warmup and seen_count
         verdict: Verdict | None = None
         drifted = False
-        r_ref = 0.0
         if idle >= INTERMITTENT and self.bursts:
             verdict, ok, run_r = self._judge_burst(x, active, judged)
         else:

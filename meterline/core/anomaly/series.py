@@ -78,10 +78,13 @@ class SeriesDetector:
     def observe(self, window_start_ms: int, value: float) -> list[EpisodeEvent]:
         """Feed the total of a complete window; returns the episode events it caused
         (usually none). Do not mutate the returned list."""
-        kind = type(value)
-        # Fast path for a plain finite non-negative number; _value checks everything else.
-        x = (float(value) if (kind is float or kind is int) and 0 <= value < _INF
-             else _value(value))
+        # Fast paths for a plain finite non-negative number; _value checks everything else.
+        if type(value) is float and 0.0 <= value < _INF:
+            x = value
+        elif type(value) is int and 0 <= value < _INF:
+            x = float(value)
+        else:
+            x = _value(value)
         last = self.last_ms
         if (last is not None and type(window_start_ms) is int
                 and window_start_ms - last == self.interval_ms):

@@ -25,6 +25,7 @@ from meterline.core.billing.events import BillingEvent, EventType
 from meterline.core.billing.lines import (
     RatedLine,
     UsageRequest,
+    correct_line,
     explain,
     invoice_total,
     line_status,
@@ -76,6 +77,7 @@ __all__ = [
     "cancel",
     "change_plan",
     "close_period",
+    "correct_line",
     "explain",
     "invoice_total",
     "iso",

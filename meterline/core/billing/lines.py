@@ -20,10 +20,10 @@ restated into the rollups) is a new row with the same ``line_id`` and ``correcti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 from meterline.core.billing.periods import Period, iso
 from meterline.core.billing.plans import Charge, PlanVersion
@@ -35,9 +35,12 @@ LineKind = Literal["base_fee", "usage", "trial_usage"]
 Status = Literal["in_progress", "final"]
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRequest:
-    """One quantity a period needs: ``meter`` aggregated over ``[start_ms, end_ms)``."""
+class UsageRequest(NamedTuple):
+    """One quantity a period needs: ``meter`` aggregated over ``[start_ms, end_ms)``.
+
+    A NamedTuple rather than a frozen dataclass: it is built and hashed twice per line of
+    a month (~600,000 lines for 100,000 subscriptions), and a tuple's C construction and
+    hash are ~3x cheaper than a dataclass's generated ``__init__`` and ``__hash__``."""
 
     customer: str
     meter: str
@@ -99,37 +102,41 @@ def rate_period(sub: Subscription, period: Period, segs: Sequence[Segment],
     zero = Decimal(0)
     for seg in segs:
         plan = plan_override or seg.plan
-        common: dict[str, Any] = {"subscription_id": sub.id, "customer": sub.customer,
-                  "period_start_ms": period.start_ms, "period_end_ms": period.end_ms,
-                  "segment_start_ms": seg.start_ms, "segment_end_ms": seg.end_ms,
-                  "plan_id": plan.plan_id, "plan_version": plan.version,
-                  "currency": plan.currency.code, "status": status}
+        # Positional RatedLine arguments (in field order) and one enum lookup per charge:
+        # this loop runs for every line of a month (~600,000 for 100,000 subscriptions).
+        code = plan.currency.code
         if not seg.trial and plan.base_fee:
             fraction = seg.proration(period)
-            exact_amount, rounded = prorated_fee(plan.base_fee, fraction, plan.currency)
+            fee_exact, fee = prorated_fee(plan.base_fee, fraction, plan.currency)
             lines.append(RatedLine(
-                **common, line_id=f"{seg.start_ms}/base_fee", kind="base_fee", meter="",
-                aggregation="", quantity=zero, amount=rounded,
-                amount_exact=_fraction_text(exact_amount), proration_num=fraction.numerator,
-                proration_den=fraction.denominator, tiers="", price_model="flat"))
+                sub.id, sub.customer, period.start_ms, period.end_ms,
+                f"{seg.start_ms}/base_fee", "base_fee", seg.start_ms, seg.end_ms,
+                plan.plan_id, plan.version, "", "", zero, code, fee,
+                _fraction_text(fee_exact), fraction.numerator, fraction.denominator, "",
+                "flat", status))
+        trial_zero = zero.scaleb(-plan.currency.minor_units)
         for charge in plan.charges:
-            qty = quantities.get(_request(sub, seg, charge), zero)
+            agg = charge.aggregation.value
+            key = f"{charge.meter}:{agg}"  # charge.key
+            qty = quantities.get(UsageRequest(sub.customer, charge.meter, agg, seg.start_ms,
+                                              seg.end_ms, charge.dimension, charge.time_unit),
+                                 zero)
             if seg.trial:
                 lines.append(RatedLine(
-                    **common, line_id=f"{seg.start_ms}/trial_usage/{charge.key}",
-                    kind="trial_usage", meter=charge.meter,
-                    aggregation=charge.aggregation.value, quantity=qty,
-                    amount=zero.scaleb(-plan.currency.minor_units), amount_exact="0",
-                    proration_num=1, proration_den=1, tiers="",
-                    price_model=charge.price.model))
+                    sub.id, sub.customer, period.start_ms, period.end_ms,
+                    f"{seg.start_ms}/trial_usage/{key}", "trial_usage", seg.start_ms,
+                    seg.end_ms, plan.plan_id, plan.version, charge.meter, agg, qty, code,
+                    trial_zero, "0", 1, 1, "", charge.price.model, status))
                 continue
-            breakdown = charge.price.rate(qty)
+            # rate_line: rate()'s amount, rounding and tiers without its words (explain
+            # recomputes those from the stored line).
+            model, exact_amount, rounded, tiers = charge.price.rate_line(qty)
             lines.append(RatedLine(
-                **common, line_id=f"{seg.start_ms}/usage/{charge.key}", kind="usage",
-                meter=charge.meter, aggregation=charge.aggregation.value, quantity=qty,
-                amount=breakdown.rounded, amount_exact=fmt(breakdown.amount),
-                proration_num=1, proration_den=1,
-                tiers=",".join(str(t) for t in breakdown.tiers), price_model=breakdown.model))
+                sub.id, sub.customer, period.start_ms, period.end_ms,
+                f"{seg.start_ms}/usage/{key}", "usage", seg.start_ms, seg.end_ms,
+                plan.plan_id, plan.version, charge.meter, agg, qty, code, rounded,
+                fmt(exact_amount), 1, 1, ",".join(map(str, tiers)) if tiers else "", model,
+                status))
     return lines
 
 
@@ -234,6 +241,30 @@ def _approx(value: Fraction) -> str:
     is rounded from the exact fraction)."""
     q = (value.numerator * 10**8) // value.denominator
     return fmt(Decimal(q).scaleb(-8))
+
+
+def correct_line(current: RatedLine, invoiced: Sequence[RatedLine]) -> RatedLine | None:
+    """The correction a closed (invoiced) period's line needs, or None.
+
+    ``current`` is the line as rating computes it now (late usage restated into the
+    rollups since); ``invoiced`` is what was already billed under the same line id: the
+    line itself (correction 0) and any earlier corrections. What was sent is never
+    changed: the correction is a new line, ``correction`` = the next number, ``corrects``
+    = the line id, carrying the difference in quantity and in amount. The amount is the
+    difference of two rounded amounts, so it needs no rounding of its own and the
+    invoice's lines plus its corrections add up to the line as rated now, to the cent.
+    """
+    mine = [x for x in invoiced if x.line_id == current.line_id
+            and x.subscription_id == current.subscription_id
+            and x.period_start_ms == current.period_start_ms]
+    quantity = sum((x.quantity for x in mine), Decimal(0))
+    amount = sum((x.amount for x in mine), Decimal(0))
+    if quantity == current.quantity and amount == current.amount:
+        return None
+    delta = current.amount - amount
+    return replace(current, correction=max((x.correction for x in mine), default=0) + 1,
+                   corrects=current.line_id, quantity=current.quantity - quantity,
+                   amount=delta, amount_exact=fmt(delta), status="final")
 
 
 def invoice_total(lines: Sequence[RatedLine]) -> Decimal:

@@ -48,6 +48,16 @@ class Price(ABC):
         with exact():
             return self._rate(q)
 
+    def rate_line(self, quantity: object) -> tuple[str, Decimal, Decimal, tuple[int, ...]]:
+        """``(model, amount, rounded, tiers)`` exactly as ``rate(quantity)`` gives them,
+        without the words. The rating stage prices hundreds of thousands of lines and
+        stores no explanation (``meterline explain`` recomputes it with ``rate``), so the
+        common models override this with the same arithmetic minus the text; a property
+        test (tests/core/pricing/test_pricing_rate_line.py) holds each override to
+        ``rate``, value and Decimal exponent alike."""
+        b = self.rate(quantity)
+        return b.model, b.amount, b.rounded, b.tiers
+
     def rate_events(self, values: Iterable[object]) -> ChargeBreakdown:
         """Explain the charge for a period's individual event values, in event order."""
         vals = [to_quantity(v, f"values[{i}]") for i, v in enumerate(_iterate(values))]

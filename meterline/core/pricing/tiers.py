@@ -29,10 +29,12 @@ from meterline.core.pricing.errors import PriceError
 from meterline.core.pricing.exact import (
     ZERO,
     AmountLike,
+    exact,
     fmt,
     parse_amount,
     parse_bound,
     reject_unknown_keys,
+    to_quantity,
 )
 
 TIER_KEYS = {"up_to", "unit_amount", "flat_amount"}
@@ -232,6 +234,20 @@ class GraduatedPrice(_TieredPrice):
                 )
         return ChargeBreakdown(self.model, self.currency, quantity, tuple(parts))
 
+    def rate_line(self, quantity: object) -> tuple[str, Decimal, Decimal, tuple[int, ...]]:
+        # _rate without the words: the components' amounts added in the same order.
+        q = to_quantity(quantity)
+        tiers: list[int] = []
+        with exact():
+            amount = ZERO
+            for index, _, units in tier_slices(q, self.bounds):
+                tier = self.tiers[index]
+                amount += units * tier.unit_amount
+                if tier.flat_amount:
+                    amount += tier.flat_amount
+                tiers.append(index + 1)
+        return self.model, amount, self.currency.round(amount), tuple(tiers)
+
 
 @dataclass(frozen=True, init=False)
 class VolumePrice(_TieredPrice):
@@ -260,3 +276,14 @@ class VolumePrice(_TieredPrice):
                 )
             )
         return ChargeBreakdown(self.model, self.currency, quantity, tuple(parts))
+
+    def rate_line(self, quantity: object) -> tuple[str, Decimal, Decimal, tuple[int, ...]]:
+        # _rate without the words: the components' amounts added in the same order.
+        q = to_quantity(quantity)
+        with exact():
+            index = volume_tier(q, self.bounds)
+            tier = self.tiers[index]
+            amount = ZERO + q * tier.unit_amount
+            if tier.flat_amount:
+                amount += tier.flat_amount
+        return self.model, amount, self.currency.round(amount), (index + 1,)

@@ -11,7 +11,15 @@ from meterline.core.pricing._fields import assign
 from meterline.core.pricing.base import Price, raise_if_errors
 from meterline.core.pricing.breakdown import ChargeBreakdown, Component, Kind
 from meterline.core.pricing.currencies import Currency, parse_currency
-from meterline.core.pricing.exact import AmountLike, fmt, parse_amount, parse_bound
+from meterline.core.pricing.exact import (
+    ZERO,
+    AmountLike,
+    exact,
+    fmt,
+    parse_amount,
+    parse_bound,
+    to_quantity,
+)
 
 
 @dataclass(frozen=True, init=False)
@@ -35,6 +43,14 @@ class PerUnitPrice(Price):
         text = f"{fmt(quantity)} unit(s) x {fmt(self.unit_amount)}"
         part = Component(Kind.UNITS, text, amount, quantity, self.unit_amount)
         return ChargeBreakdown(self.model, self.currency, quantity, (part,))
+
+    def rate_line(self, quantity: object) -> tuple[str, Decimal, Decimal, tuple[int, ...]]:
+        # _rate without the words; the sum starts at ZERO as ChargeBreakdown.amount does
+        # (ZERO + 1E+2 is 100: the exponent is part of what is stored and shown).
+        q = to_quantity(quantity)
+        with exact():
+            amount = ZERO + q * self.unit_amount
+        return self.model, amount, self.currency.round(amount), ()
 
 
 class PackageRounding(StrEnum):

@@ -9,7 +9,7 @@ event by event even after the server re-batched it.
 
 from __future__ import annotations
 
-from meterline.core.envelope import decode_batch
+from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
 from meterline.server.problems import EventError, Problem
 from meterline.server.validation import Draft
@@ -18,11 +18,19 @@ ENVELOPE = "application/vnd.meterline.envelope+json"
 
 
 def read(body: bytes) -> list[Draft | EventError]:
+    return drafts(decode(body))
+
+
+def decode(body: bytes) -> Batch:
+    """The envelope, or 400 with decode_batch's reason."""
     try:
-        batch = decode_batch(body)
+        return decode_batch(body)
     except EnvelopeError as exc:
         raise Problem(400, "invalid-envelope", "Invalid envelope",
                       f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason) from None
+
+
+def drafts(batch: Batch) -> list[Draft | EventError]:
     dims = batch.event_dimensions()
     sources = batch.event_sources()
     return [

@@ -174,3 +174,27 @@ def test_bad_settings_are_reported_together() -> None:
         RollupFeed(AnomalySettings(interval_ms=300_000, sensitivity=-1),
                    FeedSettings(allowed_lateness_ms=-5, early_warning="yes"))  # type: ignore[arg-type]
     assert len(info.value.errors) == 4
+
+
+def test_state_with_totals_beyond_64_bits_survives_the_checkpoint_encoder() -> None:
+    """Window totals reach 10^38 nano-units; the checkpoints are encoded with orjson,
+    which refuses integers beyond 64 bits (seen as a crash of `serve`'s rollup stage).
+    The stdlib json used above would hide it, so this one goes through orjson."""
+    import orjson
+
+    usage = {key: [v * 10**20 for v in values]
+             for key, values in _usage(seed=7, customers=6, days=15).items()}
+    feed = FeedSettings(early_warning=True)
+    records = list(rollup_rows(usage, START_MS, partitions=2, replay_every=5))
+    assert max(r.value_nanos for rec in records for r in rec) >= 1 << 63
+    _, whole = _run(records, feed)
+    for cut in range(1, len(records), max(1, len(records) // 6)):
+        first = RollupFeed(SETTINGS, feed)
+        out: list[EpisodeEvent] = []
+        for record in records[:cut]:
+            out += first.apply(record).events
+        saved = orjson.loads(orjson.dumps(first.export_state()))
+        second = RollupFeed.from_state(saved, SETTINGS, feed)
+        for record in records[cut:]:
+            out += second.apply(record).events
+        assert out == whole, f"cut at record {cut}"

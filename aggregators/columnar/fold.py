@@ -1,0 +1,141 @@
+"""Group a run's accepted events by window and merge the partials into the window state.
+
+The ordered loop (``processor.py``) has decided, per event and exactly as the per-event
+fold would, which events are accepted. What is left is order-free: every aggregation's
+``merge`` agrees with its ``add`` (``core/aggregations.py``, property-tested), so folding
+a window's accepted events of this run into one partial and merging it into the window
+gives the state the per-event fold reaches. The group-by is a stable sort of integer keys
+(customer, meter, dimension group, window); the reductions are numpy ``reduceat`` over
+int64 - exact, because the run's sum of |quantity| is below 2**62 (``columns.py``).
+
+Windows are created in the order the per-event fold creates them (by the first accepted
+event, the hourly before the daily one), so the state, and with it a checkpoint, is the
+same byte for byte.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from meterline.aggregators.columnar.columns import Columns
+from meterline.core.aggregations import Count, Latest, Max, Min, Sum, UniqueCount
+from meterline.core.rollup import Key, RollupState
+from meterline.core.windows import DAY_MS, HOUR_MS
+
+__all__ = ["merge_accepted"]
+
+I64 = npt.NDArray[np.int64]
+_KINDS = {Sum: 0, Count: 1, Min: 2, Max: 3, Latest: 4, UniqueCount: 5}
+
+
+def _dense(values: I64) -> tuple[I64, int]:
+    """Codes 0..k-1 for the distinct values (sorted), and k."""
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return inverse.astype(np.int64, copy=False), len(uniq)
+
+
+def merge_accepted(state: RollupState, cols: Columns, accepted: npt.NDArray[np.bool_],
+                   dirty: set[Key]) -> int:
+    """Fold the accepted events of ``cols`` into ``state``; returns the windows touched."""
+    idx = np.flatnonzero(accepted)
+    if idx.size == 0:
+        return 0
+    ts = cols.timestamp[idx]
+    # (customer, meter, group) -> one dense code, in two steps so no product of code
+    # ranges can overflow int64 (each step's codes are < the number of events).
+    k, _ = _dense(cols.customer[idx] * len(cols.meters) + cols.meter[idx])
+    width = int(cols.group[idx].max()) + 1
+    k, nk = _dense(k * width + cols.group[idx])
+    firsts, partials = [], []
+    for kind, (name, size_ms) in enumerate((("hourly", HOUR_MS), ("daily", DAY_MS))):
+        start = ts - ts % size_ms
+        lo = int(start.min())
+        span = (int(start.max()) - lo) // size_ms + 1
+        window_key = k * span + (start - lo) // size_ms  # < events * windows: fits
+        first, found = _groups(cols, idx, window_key, start, name)
+        firsts.append(first * 2 + kind)
+        partials += found
+    # The per-event fold creates a window at its first accepted event, hourly first:
+    # merge in that order, so the state's windows (and a checkpoint) come out the same.
+    order = np.argsort(np.concatenate(firsts), kind="stable").tolist()
+    state.merge_partials([partials[i] for i in order], dirty)
+    return len(order)
+
+
+def _groups(cols: Columns, idx: I64, window_key: I64, start: I64, name: str
+            ) -> tuple[I64, list[tuple[Key, Any, Any, int]]]:
+    """Per window of ``window_key``: its first event, and ``(key, aggregator, partial
+    state, events)``."""
+    order = np.argsort(window_key, kind="stable")  # events keep log order inside a group
+    sorted_key = window_key[order]
+    bounds = np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1
+    heads = np.concatenate(([0], bounds))
+    sizes = np.diff(np.concatenate((heads, [len(order)])))
+    members = idx[order]  # event indices, grouped
+    first = members[heads]  # the group's first event (stable sort: the earliest)
+    q = cols.quantity[members]
+    meter = cols.meter[first]
+    plans = cols.plans
+    # Per meter code: what its windows hold (0 sum, 1 count, 2 min, 3 max, 4 latest,
+    # 5 unique_count). The int results are picked for every window at once; only latest
+    # and unique_count build their states in Python.
+    kind_of_meter = np.array([_KINDS.get(type(p.aggregator), 0) if p is not None else 0
+                              for p in plans], dtype=np.int8)
+    kind = kind_of_meter[meter]
+    present = set(np.unique(kind).tolist())
+    value = sizes.astype(np.int64)  # count: the state is the number of events
+    if 0 in present:
+        value = np.where(kind == 0, np.add.reduceat(q, heads), value)
+    if 2 in present:
+        value = np.where(kind == 2, np.minimum.reduceat(q, heads), value)
+    if 3 in present:
+        value = np.where(kind == 3, np.maximum.reduceat(q, heads), value)
+    partial: list[Any] = value.tolist()
+    if 4 in present:
+        latest = _latest(cols, members, heads, sizes)
+        for j in np.flatnonzero(kind == 4).tolist():
+            partial[j] = latest[j]
+    if 5 in present:
+        member_list, unique_values = members.tolist(), cols.unique_values
+        head_of, size_of = heads.tolist(), sizes.tolist()
+        for j in np.flatnonzero(kind == 5).tolist():
+            h = head_of[j]
+            partial[j] = {unique_values[i] for i in member_list[h:h + size_of[j]]}
+    # Group tuples of all meters in one table, so a window's group is one index.
+    offsets = np.cumsum([0] + [len(g) for g in cols.groups[:-1]]).astype(np.int64)
+    all_groups = [g for meter_groups in cols.groups for g in meter_groups]
+    keys = zip(repeat(name),
+               map(cols.customers.__getitem__, cols.customer[first].tolist()),
+               map(cols.meters.__getitem__, meter.tolist()),
+               map(all_groups.__getitem__, (offsets[meter] + cols.group[first]).tolist()),
+               start[order][heads].tolist())
+    aggregators = map([p.aggregator if p is not None else None for p in plans].__getitem__,
+                      meter.tolist())
+    return first, list(zip(keys, aggregators, partial, sizes.tolist(), strict=True))
+
+
+def _latest(cols: Columns, members: I64, heads: I64, sizes: I64) -> list[Any]:
+    """Per group, the (timestamp, event id, quantity) that ``Latest`` keeps: the newest
+    time by a vectorised max, the event id and quantity compared in Python only among the
+    events sharing that time."""
+    ts = cols.timestamp[members]
+    newest = np.maximum.reduceat(ts, heads)
+    at_newest = np.flatnonzero(ts == np.repeat(newest, sizes))
+    group_of = np.repeat(np.arange(len(heads)), sizes)[at_newest].tolist()
+    best: list[Any] = [None] * len(heads)
+    for g, i in zip(group_of, members[at_newest].tolist(), strict=True):
+        candidate = (int(cols.timestamp[i]), _event_id(cols, i), int(cols.quantity[i]))
+        if best[g] is None or candidate > best[g]:
+            best[g] = candidate
+    return best
+
+
+def _event_id(cols: Columns, i: int) -> str:
+    explicit = cols.ids[i]
+    if explicit is not None:
+        return explicit
+    return f"{cols.batch_ids[int(cols.record[i])]}-{int(cols.position[i])}"

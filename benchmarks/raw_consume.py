@@ -1,0 +1,81 @@
+"""The upper-bound peer of benchmarks/e2e_rollups.py: a raw confluent-kafka consume loop that
+only decodes Meterline envelopes (``decode_batch``), nothing else.
+
+Run by ``rollups_peers.run_raw`` as a subprocess (its own process, like the worker): reads
+the same usage topic the worker read, from the beginning, in a fresh group, with
+librdkafka's default fetch settings, ``consume(1000, ...)`` batches and no commits.
+Per record it keeps only the event count and the sum of quantities (one C-level ``sum``)
+so the harness can check that every event was decoded. A run without new records for
+``idle_timeout_s`` ends with an error instead of waiting forever.
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(argv[0])
+    from confluent_kafka import Consumer
+
+    from meterline.core.envelope import decode_batch
+    from meterline.core.errors import EnvelopeError
+
+    expected = int(cfg["records"])
+    idle_s = float(cfg.get("idle_timeout_s", 60))
+    perf = time.perf_counter
+    assigned_at: list[float] = []
+
+    def on_assign(_consumer: Any, partitions: Any) -> None:
+        assigned_at.append(perf())
+
+    consumer = Consumer({"bootstrap.servers": cfg["bootstrap"], "group.id": cfg["group"],
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([cfg["topic"]], on_assign=on_assign)
+    records = events = quantity = refused = errors = 0
+    first = last = None
+    progress_at = perf()
+    try:
+        while records + refused < expected:
+            batch = consumer.consume(1000, 0.5)
+            now = perf()
+            if not batch:
+                if now - progress_at > idle_s:
+                    break  # reported: the harness sees records < expected
+                continue
+            progress_at = now
+            if first is None:
+                first = now
+            for msg in batch:
+                if msg.error() is not None:
+                    errors += 1
+                    continue
+                try:
+                    b = decode_batch(msg.value())
+                except EnvelopeError:
+                    refused += 1
+                    continue
+                records += 1
+                events += len(b.customers)
+                quantity += sum(b.quantities)
+            last = perf()
+    finally:
+        consumer.close()
+    start = assigned_at[-1] if assigned_at else first
+    print(json.dumps({
+        "records": records, "events_decoded": events, "quantity_nanos": quantity,
+        "refused": refused, "errors": errors,
+        "seconds": None if start is None or last is None else round(last - start, 3),
+        "seconds_first_to_last": None if first is None or last is None
+        else round(last - first, 3),
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""``--inprocess`` of benchmarks/e2e_rollups.py: the worker's own code over the same
+records without Kafka, optionally with a wall-time split per phase."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from rollups_common import CHECKPOINT_INTERVAL_S, FLUSH_INTERVAL_S, PARTITIONS, _records
+
+
+class _JsonWriter:
+    """Serializes a flush exactly as KafkaOutputWriter does, sends nothing."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def write(self, flush: Any) -> None:
+        import orjson
+
+        from meterline.aggregators.outputs_io import CHUNK
+
+        for i in range(0, len(flush.rollups), CHUNK):
+            chunk = flush.rollups[i:i + CHUNK]
+            self.bytes += len(orjson.dumps({"rollups": [r.to_dict() for r in chunk]}))
+        for d in flush.dead_letters:
+            self.bytes += len(orjson.dumps({"dead_letters": [d.to_dict()]}))
+        for late in flush.late:
+            self.bytes += len(orjson.dumps({"late": [late.to_dict()]}))
+
+
+class _NoopWriter:
+    def write(self, flush: Any) -> None:
+        pass
+
+
+_PHASES = (  # (module, class or None, attribute, label): timed per call, not per event
+    ("meterline.aggregators.processor", None, "decode_batch", "decode_batch"),
+    ("meterline.core.rollup", "RollupState", "apply_batch", "apply_batch"),
+    ("meterline.aggregators.processor", "PartitionProcessor", "_collect", "collect"),
+    ("meterline.aggregators.processor", "PartitionProcessor", "take_flush",
+     "take_flush (snapshot, records, evict)"),
+    ("meterline.core.rollup", "RollupState", "evict_closed", "  of which evict_closed"),
+    ("meterline.aggregators.processor", "PartitionProcessor", "checkpoint", "checkpoint"),
+    ("meterline.core.rollup", "RollupState", "export_all", "  of which export_all"),
+    ("zlib", None, "compress", "  of which zlib.compress"),
+    ("rollups_inprocess", "_JsonWriter", "write", "output JSON (to_dict + orjson)"),
+)
+
+
+@contextlib.contextmanager
+def _timed_phases(totals: dict[str, list[float]]) -> Any:
+    """Wrap the per-record / per-flush calls above with a wall clock (cheap: ~10^4 calls)."""
+    import importlib
+
+    undo = []
+    for module, cls, attr, label in _PHASES:
+        owner = importlib.import_module(module)
+        if cls is not None:
+            owner = getattr(owner, cls)
+        original = getattr(owner, attr)
+        slot = totals.setdefault(label, [0.0, 0])
+
+        def timed(*a: Any, _f: Any = original, _slot: list[float] = slot, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                _slot[0] += time.perf_counter() - t0
+                _slot[1] += 1
+
+        setattr(owner, attr, timed)
+        undo.append((owner, attr, original))
+    try:
+        yield
+    finally:
+        for owner, attr, original in reversed(undo):
+            setattr(owner, attr, original)
+
+
+def run_inprocess(events: int, writer_kind: str,
+                  checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+                  phases: bool = False) -> dict[str, Any]:
+    """RollupWorker over the same records, no Kafka: what the worker's own code costs."""
+    from meterline.aggregators.checkpoints import MemoryCheckpointStore
+    from meterline.aggregators.runner import RollupWorker, TopicPartition
+    from meterline.config import DEFAULT_METERS
+    from meterline.core.meters import MeterRegistry
+    from meterline.ingest.sources import SourceRecord
+
+    records = _records(events)
+    offsets = [0] * PARTITIONS
+    now = time.time_ns() // 1_000_000
+    src = []
+    for i, rec in enumerate(records):  # LogAppendTime: ~now, non-decreasing
+        src.append(SourceRecord("usage", rec.partition, offsets[rec.partition], rec.payload,
+                                now + i // 10))
+        offsets[rec.partition] += 1
+    writer = _JsonWriter() if writer_kind == "json" else _NoopWriter()
+    worker = RollupWorker(MeterRegistry.load(DEFAULT_METERS), writer, MemoryCheckpointStore(),
+                          group="inprocess", flush_interval_s=FLUSH_INTERVAL_S,
+                          checkpoint_interval_s=checkpoint_interval_s)
+    worker.assign([TopicPartition("usage", p) for p in range(PARTITIONS)])
+    totals: dict[str, list[float]] = {}
+    with _timed_phases(totals) if phases else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        for rec in src:
+            worker.process(rec)
+            worker.maybe_flush()
+        worker.flush(checkpoint=True)
+        seconds = time.perf_counter() - t0
+    t = worker.totals()
+    return {"inprocess": writer_kind, "checkpoint_interval_s": checkpoint_interval_s,
+            "events": events, "records": len(src),
+            "seconds": round(seconds, 3), "events_per_s": round(events / seconds),
+            "flushes": worker.flushes, "checkpoints": worker.checkpoints,
+            "accepted": t.accepted, "duplicate": t.duplicate, "rejected": t.rejected,
+            "output_bytes": getattr(writer, "bytes", None),
+            **({"phases_us_per_event": {k: round(v[0] / events * 1e6, 2)
+                                        for k, v in totals.items() if v[1]},
+                "phases_share": {k: round(v[0] / seconds, 3)
+                                 for k, v in totals.items() if v[1]}} if phases else {})}
