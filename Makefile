@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency list changes (idempotent, uses pip's cache).
 STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test install kafka prometheus stripe-mock chromium docker-compose lint bench bench-e2e bench-rollups bench-state bench-export clean
+.PHONY: demo test install kafka prometheus stripe-mock chromium docker-compose wrk lint bench bench-e2e bench-rollups bench-state bench-export clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ chromium:
 docker-compose:
 	bash tools/docker-compose/install.sh
 
-test: $(STAMP) kafka prometheus stripe-mock chromium docker-compose
+# wrk (C HTTP load generator) from Debian for `benchmarks/server_ingest.py --client wrk`
+# and its smoke test (skips when present).
+wrk:
+	bash tools/wrk/install.sh
+
+test: $(STAMP) kafka prometheus stripe-mock chromium docker-compose wrk
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: $(STAMP)

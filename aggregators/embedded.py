@@ -51,7 +51,7 @@ from meterline.aggregators.checkpoints import CheckpointStore, SqliteCheckpointS
 from meterline.aggregators.log_probe import LocalLogProbe
 from meterline.aggregators.outputs_io import StorageWriter
 from meterline.aggregators.processor import Counters, RollupSettings
-from meterline.aggregators.runner import OutputWriter, RollupWorker, TopicPartition
+from meterline.aggregators.runner import OutputWriter, RollupWorker, TopicPartition, by_partition
 from meterline.core.meters import MeterRegistry
 from meterline.ingest.local_log import LocalLog
 from meterline.ingest.metrics import MetricsEndpoint, metrics_endpoint
@@ -108,7 +108,7 @@ class EmbeddedRollups:
                  max_records: int = 64, flush_interval_s: float = 0.5,
                  checkpoint_interval_s: float = 5.0, idle_sleep_s: float = 0.05,
                  id_store_dir: str | Path | None = None,
-                 anomalies: EmbeddedAnomalies | None = None) -> None:
+                 anomalies: EmbeddedAnomalies | None = None, engine: str = "columnar") -> None:
         self.log = log
         self.group = group
         self.topic = topic
@@ -125,7 +125,8 @@ class EmbeddedRollups:
         self.worker = RollupWorker(registry, writer, store, group=group, settings=settings,
                                    flush_interval_s=flush_interval_s,
                                    checkpoint_interval_s=checkpoint_interval_s,
-                                   probe=LocalLogProbe(log), id_store_dir=id_store_dir)
+                                   probe=LocalLogProbe(log), id_store_dir=id_store_dir,
+                                   engine=engine)
         self.start_offsets: dict[int, int] | None = None
         self._checkpointed: dict[int, int] = {}  # partition -> next_offset last saved
         self._failed: BaseException | None = None  # a flush that may not have been written
@@ -172,14 +173,20 @@ class EmbeddedRollups:
         if not records:  # nothing new since the last step: run() checkpoints when idle
             return Step(0, 0, False)
         before = _events(self.worker.totals())
-        for record in records:
-            gap = self.worker.process(record)
-            if gap is not None:  # the source is positioned by us, so this is a bug or a
-                target = self.worker.resolve_gap(gap)  # damaged log: settle it, loudly
-                if target is None:
-                    self.worker.process(record)
-                else:
+        for run in by_partition(records):
+            while run:
+                n, gap = self.worker.process_many(run)
+                if gap is None:
+                    break
+                # The source is positioned by us, so a gap is a bug or a damaged log:
+                # settle it, loudly.
+                target = self.worker.resolve_gap(gap)
+                if target is not None:
+                    # The rest of this run lies past the gap too: it comes again after the
+                    # seek.
                     self.source.seek(gap.tp.partition, target)
+                    break
+                run = run[n:]  # the log holds nothing in between: fold from the record on
         events = _events(self.worker.totals()) - before
         committed = self._commit(self._guarded(self.worker.maybe_flush))
         return Step(len(records), events, committed)
@@ -386,7 +393,7 @@ def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | Non
                 database=storage.database, retention=config.retention_policy(),
                 metrics=metrics_endpoint(), anomalies=stage,
                 flush_interval_s=r.flush_interval_s,
-                checkpoint_interval_s=r.checkpoint_interval_s)
+                checkpoint_interval_s=r.checkpoint_interval_s, engine=r.engine)
     finally:
         local_log.close()
         storage.close()

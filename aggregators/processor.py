@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -169,6 +169,17 @@ class PartitionProcessor:
     def fresh(self) -> bool:
         """Nothing restored and nothing read yet."""
         return not self.restored and self.next_offset == 0
+
+    def process_many(self, records: Sequence[SourceRecord]) -> int:
+        """Fold ``records`` (one partition's, in log order); returns how many leading
+        records were handled (folded, or skipped: already in the state). ``records[n]``,
+        if any, lies past a gap and was *not* handed to :meth:`process`. The columnar
+        engine overrides this with a fold of the whole run."""
+        for n, record in enumerate(records):
+            if record.offset > self.next_offset:
+                return n
+            self.process(record)
+        return len(records)
 
     def process(self, record: SourceRecord) -> bool:
         """Fold one record (an envelope) in; ``False`` when it lies past a gap and was *not*

@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rollups_* module
 
 from rollups_common import CHECKPOINT_INTERVAL_S, PARTITIONS, Workload, _git_head, log  # noqa: E402
 
-RUNS = ("worker", "raw", "quix", "naive", "freshness")
+RUNS = ("worker", "raw", "raw-aiokafka", "quix", "naive", "freshness")
 
 
 # --------------------------------------------------------------------------- report
@@ -93,7 +93,7 @@ def _ratios(s: dict[str, Any]) -> None:
         s["ratio_outputs_vs_naive"] = round(tp["events_per_s_outputs"] / nv["events_per_s"], 2)
         s["ratio_full_vs_naive_incl_flush"] = round(
             tp["events_per_s_full"] / (nv["events"] / nv["seconds_incl_final_flush"]), 2)
-    for peer in ("raw", "quix"):
+    for peer in ("raw", "raw_aiokafka", "quix"):
         p = s.get(peer)
         if p is not None:
             ok = p.get("verify") == "exact" and p.get("events_per_s")
@@ -120,18 +120,24 @@ def _table(s: dict[str, Any]) -> str:
     if raw is not None and raw.get("seconds"):
         row("raw confluent-kafka loop, decode only (upper bound)", raw["events"],
             raw["seconds"], raw["events_per_s"])
-    if tp is not None:
-        row(f"worker: assigned -> last output in Kafka (loader {tp['loader']})", tp["events"],
-            tp["outputs_s"], tp["events_per_s_outputs"])
-        row("full: assigned -> lag 0 and all outputs in chDB", tp["events"], tp["full_s"],
-            tp["events_per_s_full"])
+    rak = s.get("raw_aiokafka")
+    if rak is not None and rak.get("seconds"):
+        row("raw aiokafka loop (Faust's client), decode only", rak["events"],
+            rak["seconds"], rak["events_per_s"])
+    for engine, t in (s.get("throughput_by_engine") or {}).items():
+        row(f"worker [{engine}]: assigned -> last output in Kafka (loader {t['loader']})",
+            t["events"], t["outputs_s"], t["events_per_s_outputs"])
+        row(f"full [{engine}]: assigned -> lag 0 and all outputs in chDB", t["events"],
+            t["full_s"], t["events_per_s_full"])
+        lines.append(f"  verify [{engine}]: {t.get('verify', 'skipped')}")
     if tp is not None and nv is not None:
         lines.append(f"ratio worker/naive: {s['ratio_outputs_vs_naive']:.1f}x (outputs), "
                      f"{s['ratio_full_vs_naive_incl_flush']:.1f}x (full vs naive incl. "
                      f"flush); verify: {tp.get('verify', 'skipped')}")
     elif tp is not None:
         lines.append(f"verify: {tp.get('verify', 'skipped')}")
-    for peer, label in (("quix", "quixstreams"), ("raw", "raw loop")):
+    for peer, label in (("quix", "quixstreams"), ("raw", "raw loop"),
+                        ("raw_aiokafka", "raw aiokafka loop")):
         p = s.get(peer)
         if p is None:
             continue
@@ -144,6 +150,13 @@ def _table(s: dict[str, Any]) -> str:
                      f"p95 {fr['p95']:.3f}s  p99 {fr['p99']:.3f}s  max {fr['max']:.3f}s  "
                      f"-> p99 <= 2 s {'met' if fr['met_p99_le_2s'] else 'MISSED'}")
     return "\n".join(lines)
+
+
+def _engines(text: str) -> tuple[str, ...]:
+    engines = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not engines or any(e not in ("columnar", "per-event") for e in engines):
+        raise argparse.ArgumentTypeError(f"engines are columnar and per-event, got {text!r}")
+    return engines
 
 
 def _runs(text: str) -> tuple[str, ...]:
@@ -177,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quix-grace-ms", type=int, default=3_600_000,
                         help="quixstreams window grace; its default 0 drops this workload's "
                              "late events (the peer check then reports it wrong)")
+    parser.add_argument("--engines", type=_engines, default=("columnar",),
+                        help="comma-separated [rollups] engines for the worker run, each "
+                             "its own run on the same events (first: the ratios' worker)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -184,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.inprocess:
         from rollups_inprocess import run_inprocess
 
-        result = run_inprocess(args.events, args.inprocess, args.checkpoint_interval_s,
-                               args.phases)
-        print(json.dumps(result), flush=True)
-        for label, us in result.get("phases_us_per_event", {}).items():
-            print(f"{label:<40}{us:>8.2f} us/event {result['phases_share'][label]:>7.1%}")
-        print(f"{'total':<40}{1e6 / result['events_per_s']:>8.2f} us/event")
+        for engine in args.engines:  # one after the other, same records
+            result = run_inprocess(args.events, args.inprocess, args.checkpoint_interval_s,
+                                   args.phases, engine=engine)
+            print(json.dumps(result), flush=True)
+            print(f"engine {engine}:")
+            for label, us in result.get("phases_us_per_event", {}).items():
+                print(f"  {label:<40}{us:>8.2f} us/event "
+                      f"{result['phases_share'][label]:>7.1%}")
+            print(f"  {'total':<40}{1e6 / result['events_per_s']:>8.2f} us/event")
         return 0
 
     from rollups_freshness import run_freshness
@@ -212,17 +231,27 @@ def main(argv: list[str] | None = None) -> int:
                 workload = Workload(args.events, verify=not args.no_verify,
                                     keep_events="quix" in runs or "naive" in runs)
             if "worker" in runs:
-                summary["throughput"] = run_throughput(
-                    broker, tmp, chdb_dir, args.events, not args.no_verify,
-                    checkpoint_interval_s=args.checkpoint_interval_s,
-                    loader_mode=args.loader, workload=workload)
-                log.info("throughput: %s", summary["throughput"])
-            elif workload is not None and "raw" in runs:
+                # One worker run per engine, same broker and events; the first on the
+                # usage topic the raw loop reads, the others on topics of their own.
+                by_engine = summary["throughput_by_engine"] = {}
+                for i, engine in enumerate(args.engines):
+                    by_engine[engine] = run_throughput(
+                        broker, tmp, chdb_dir, args.events, not args.no_verify,
+                        checkpoint_interval_s=args.checkpoint_interval_s,
+                        loader_mode=args.loader, workload=workload, engine=engine,
+                        topic=None if i == 0 else f"{USAGE_TOPIC}-{engine}")
+                    log.info("throughput (%s): %s", engine, by_engine[engine])
+                summary["throughput"] = by_engine[args.engines[0]]
+            elif workload is not None and {"raw", "raw-aiokafka"} & set(runs):
                 create_and_fill_usage_topic(broker, USAGE_TOPIC, workload.records)
             if "raw" in runs:
                 assert workload is not None
                 summary["raw"] = run_raw(broker.bootstrap, workload)
                 log.info("raw: %s", summary["raw"])
+            if "raw-aiokafka" in runs:
+                assert workload is not None
+                summary["raw_aiokafka"] = run_raw(broker.bootstrap, workload, "aiokafka")
+                log.info("raw (aiokafka): %s", summary["raw_aiokafka"])
             if "quix" in runs:
                 assert workload is not None
                 summary["quix"] = run_quix(

@@ -8,6 +8,10 @@ Per record it keeps only the event count and the sum of quantities (one C-level 
 so the harness can check that every event was decoded. A run without new records for
 ``idle_timeout_s`` ends with an error instead of waiting forever.
 
+``"client": "aiokafka"`` runs the same loop on aiokafka (the Kafka client under Faust,
+so under ``meterline worker``): ``getmany(max_records=1000)`` in an asyncio loop, default
+fetch settings. Same checks, same JSON.
+
 Prints one JSON line.
 """
 
@@ -21,6 +25,11 @@ from typing import Any
 
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
+    if cfg.get("client") == "aiokafka":
+        import asyncio
+
+        print(json.dumps(asyncio.run(_aiokafka(cfg))), flush=True)
+        return 0
     from confluent_kafka import Consumer
 
     from meterline.core.envelope import decode_batch
@@ -75,6 +84,54 @@ def main(argv: list[str]) -> int:
         else round(last - first, 3),
     }), flush=True)
     return 0
+
+
+async def _aiokafka(cfg: dict[str, Any]) -> dict[str, Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    from meterline.core.envelope import decode_batch
+    from meterline.core.errors import EnvelopeError
+
+    expected = int(cfg["records"])
+    idle_s = float(cfg.get("idle_timeout_s", 60))
+    perf = time.perf_counter
+    consumer = AIOKafkaConsumer(cfg["topic"], bootstrap_servers=cfg["bootstrap"],
+                                group_id=cfg["group"], auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    start = perf()  # start() returns once the group is joined and partitions assigned
+    records = events = quantity = refused = 0
+    first = last = None
+    progress_at = perf()
+    try:
+        while records + refused < expected:
+            fetched = await consumer.getmany(timeout_ms=500, max_records=1000)
+            now = perf()
+            if not fetched:
+                if now - progress_at > idle_s:
+                    break
+                continue
+            progress_at = now
+            if first is None:
+                first = now
+            for msgs in fetched.values():
+                for msg in msgs:
+                    try:
+                        b = decode_batch(msg.value or b"")
+                    except EnvelopeError:
+                        refused += 1
+                        continue
+                    records += 1
+                    events += len(b.customers)
+                    quantity += sum(b.quantities)
+            last = perf()
+    finally:
+        await consumer.stop()
+    return {"client": "aiokafka", "records": records, "events_decoded": events,
+            "quantity_nanos": quantity, "refused": refused, "errors": 0,
+            "seconds": None if last is None else round(last - start, 3),
+            "seconds_first_to_last": None if first is None or last is None
+            else round(last - first, 3)}
 
 
 if __name__ == "__main__":

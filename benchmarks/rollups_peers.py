@@ -79,8 +79,10 @@ def _run_child(argv: list[str], cfg: dict[str, Any], timeout_s: float,
 
 
 # --------------------------------------------------------------------------- raw
-def run_raw(bootstrap: str, workload: Workload) -> dict[str, Any]:
-    """The raw decode loop over the usage topic (already filled with ``workload``)."""
+def run_raw(bootstrap: str, workload: Workload, client: str = "confluent-kafka"
+            ) -> dict[str, Any]:
+    """The raw decode loop over the usage topic (already filled with ``workload``), on
+    librdkafka (``confluent-kafka``) or on ``aiokafka`` (the client under Faust)."""
     import orjson
 
     want_events = want_quantity = first_time_events = 0
@@ -94,7 +96,7 @@ def run_raw(bootstrap: str, workload: Workload) -> dict[str, Any]:
         raise RuntimeError(f"harness: first-time envelopes hold {first_time_events} events, "
                            f"the generator made {workload.events}")
     cfg = {"bootstrap": bootstrap, "topic": USAGE_TOPIC, "records": len(workload.records),
-           "group": f"bench-raw-{uuid.uuid4().hex[:8]}"}
+           "group": f"bench-raw-{uuid.uuid4().hex[:8]}", "client": client}
     got = _run_child([sys.executable, str(REPO / "benchmarks" / "raw_consume.py")], cfg,
                      120 + workload.events / 20_000, "raw consume loop")
     problems = []
@@ -104,7 +106,7 @@ def run_raw(bootstrap: str, workload: Workload) -> dict[str, Any]:
         if have != want:
             problems.append(f"{name} {have} != {want}")
     seconds = got["seconds"]
-    return {"events": workload.events, **got,
+    return {"events": workload.events, "client": client, **got,
             "events_per_s": round(workload.events / seconds) if seconds else None,
             "events_decoded_per_s": round(got["events_decoded"] / seconds) if seconds else None,
             "verify": "exact" if not problems else "; ".join(problems)}

@@ -28,6 +28,11 @@ def test_file_and_environment(tmp_path: Path) -> None:
     assert (config.rollups.group_id, config.rollups.allowed_lateness_ms,
             config.rollups.checkpoint_interval_s, config.rollups.flush_interval_s) == (
         "g", 0, 2, 0.25)
+    assert config.rollups.engine == "columnar"  # the default
+    path.write_text("[rollups]\nengine = 'per-event'\n", encoding="utf-8")
+    assert load_config(path, env={}).rollups.engine == "per-event"
+    assert load_config(path, env={"METERLINE_ROLLUP_ENGINE": "columnar"}).rollups.engine == (
+        "columnar")
 
 
 def test_every_error_at_once(tmp_path: Path) -> None:
@@ -35,10 +40,11 @@ def test_every_error_at_once(tmp_path: Path) -> None:
     path.write_text("[rollups]\ngroup_id = ''\nallowed_lateness_ms = -1\n"
                     "flush_interval_s = 0\nbogus = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        load_config(path, env={"METERLINE_CHECKPOINT_INTERVAL_S": "soon"})
+        load_config(path, env={"METERLINE_CHECKPOINT_INTERVAL_S": "soon",
+                               "METERLINE_ROLLUP_ENGINE": "fast"})
     text = str(info.value)
     for needle in ("group_id", "allowed_lateness_ms", "flush_interval_s", "bogus",
-                   "METERLINE_CHECKPOINT_INTERVAL_S"):
+                   "METERLINE_CHECKPOINT_INTERVAL_S", "engine must be"):
         assert needle in text
 
 

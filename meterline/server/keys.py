@@ -14,15 +14,32 @@ Where: one SQLite file (default ``<data dir>/../meterline-keys.db``, beside the 
 directory rather than in it, since chDB owns that directory). SQLite because the keys
 must survive restarts, change while the server runs (``meterline keys create/revoke``
 from another process) and be written atomically, which it gives for free (WAL); the
-table is tiny. The server caches verified keys and drops the cache whenever the file
-changed (``PRAGMA data_version``, a few microseconds per request), so a revocation takes
-effect on the next request.
+table is tiny.
+
+The server caches verified keys (and refusals) in memory. When to drop that cache, so a
+revocation from another process takes effect promptly, without touching SQLite on every
+request: SQLite releases the GIL for each statement, so even a few-microsecond
+``PRAGMA data_version`` per request made every request wait for the GIL behind the other
+runnable threads (measured: ~110 us of a ~430 us request under cProfile; docs/server.md).
+Two signals instead:
+- a generation file beside the database (``<keys file>.generation``, 8 bytes, mapped into
+  memory): every write through this class (``meterline keys create/revoke``, any
+  process) commits, then stores a fresh random value there; a request compares it with
+  the value it last saw, a memory read with no system call and no GIL release. A
+  revocation by the CLI so takes effect on the next request, as before.
+- for writers that bypass this class (an operator's ``sqlite3`` shell on the file),
+  ``PRAGMA data_version`` at most every ``RECHECK_S`` (0.1 s): a request that starts
+  0.1 s or more after such a commit sees it (tests/server/test_keys_freshness.py).
+  ``METERLINE_KEYS_RECHECK_S`` overrides it; 0 checks on every request, as before (the
+  benchmark's baseline, benchmarks/server_ingest.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
+import os
 import secrets
 import sqlite3
 import threading
@@ -35,6 +52,10 @@ from meterline.server.tenancy import check_tenant
 
 SCOPES = ("ingest", "read", "admin")
 _PREFIX = "ml_"
+# The longest a change written to the key file by something other than KeyStore goes
+# unseen by a running server (the module docstring says why it is not zero).
+RECHECK_S = 0.1
+_MISS = object()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -97,8 +118,9 @@ def check_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 class KeyStore:
     """The key table. Thread-safe; ``authenticate`` is the hot path (cached)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, recheck_s: float | None = None) -> None:
         self.path = Path(path)
+        self.recheck_s = _recheck_s() if recheck_s is None else recheck_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -106,6 +128,9 @@ class KeyStore:
         self._lock = threading.Lock()
         self._cache: dict[str, Principal | None] = {}
         self._version = -1
+        self._recheck_at = 0.0  # monotonic time of the next PRAGMA data_version
+        self._generation = _Generation(self.path.with_name(self.path.name + ".generation"))
+        self._seen_generation = self._generation.read()
 
     def create(self, tenant: str, scopes: list[str] | tuple[str, ...], name: str = "",
                now_ms: int | None = None) -> tuple[str, KeyInfo]:
@@ -121,6 +146,9 @@ class KeyStore:
         with self._lock:
             self._db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
                              (key_id, tenant, ",".join(scopes), _digest(key), name, created))
+            # After the commit: every process drops its cache. Not needed for a new random
+            # key, but "every write moves the generation" is the simpler rule to trust.
+            self._generation.bump()
         return key, KeyInfo(key_id, tenant, scopes, name, created, None)
 
     def revoke(self, key_id: str, now_ms: int | None = None) -> bool:
@@ -130,6 +158,7 @@ class KeyStore:
                 "UPDATE api_keys SET revoked_ms = ? WHERE key_id = ? AND revoked_ms IS NULL",
                 (revoked, key_id))
             self._cache.clear()  # data_version only moves for *other* connections' writes
+            self._generation.bump()
         return cur.rowcount == 1
 
     def list(self) -> list[KeyInfo]:
@@ -146,11 +175,26 @@ class KeyStore:
 
     def authenticate(self, key: str) -> Principal | None:
         """The key's principal, or None for an unknown, malformed or revoked key."""
+        now = time.monotonic()
+        if now < self._recheck_at and self._generation.read() == self._seen_generation:
+            # The hot path: no lock, no SQLite. A dict read is atomic under the GIL, and a
+            # revocation racing with it is no different from one a moment later.
+            hit = self._cache.get(key, _MISS)
+            if hit is not _MISS:
+                return hit  # type: ignore[return-value]
         with self._lock:
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            if version != self._version:  # another connection changed the table
+            generation = self._generation.read()
+            if generation != self._seen_generation:  # a KeyStore somewhere wrote
                 self._cache.clear()
-                self._version = version
+                self._seen_generation = generation
+            if now >= self._recheck_at:
+                # ``now`` was taken before this statement reads its snapshot, so a commit
+                # RECHECK_S before a request's start is always seen.
+                version = self._db.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._version:  # another connection changed the file
+                    self._cache.clear()
+                    self._version = version
+                self._recheck_at = now + self.recheck_s
             if key in self._cache:
                 return self._cache[key]
             principal = self._lookup(key)
@@ -195,3 +239,45 @@ class KeyStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._generation.close()
+
+
+def _recheck_s() -> float:
+    text = os.environ.get("METERLINE_KEYS_RECHECK_S", "").strip()
+    if not text:
+        return RECHECK_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60:
+        raise ConfigError([f"METERLINE_KEYS_RECHECK_S must be seconds in 0..60, got "
+                           f"{text!r}"], "api keys")
+    return value
+
+
+class _Generation:
+    """8 bytes in a small file, shared by every process that maps it: a value that
+    changes after each committed write to the key table (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)  # zero-filled; never shrinks a file another made
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def read(self) -> bytes:
+        # A torn read (a writer halfway through) only looks like one more change: an extra
+        # cache drop, never a missed one, since every writer stores a new random value.
+        return self._map[:8]
+
+    def bump(self) -> None:
+        # Random rather than +1: two processes bumping at once cannot store the same
+        # value a reader already saw, which a lost increment could.
+        self._map[:8] = secrets.token_bytes(8)
+
+    def close(self) -> None:
+        self._map.close()

@@ -20,6 +20,7 @@ acks=all; the stages run as today's separate workers; reads go to the configured
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -199,7 +200,7 @@ class EmbeddedPipeline:
             runner = EmbeddedRollups(
                 self.log, writer, store, self.registry, settings=settings,
                 flush_interval_s=r.flush_interval_s,
-                checkpoint_interval_s=r.checkpoint_interval_s,
+                checkpoint_interval_s=r.checkpoint_interval_s, engine=r.engine,
                 id_store_dir=checkpoint.with_name(checkpoint.name + ".ids"), **options)
             self.rollups = runner
             runner.run(stop=self.stop_event.is_set)
@@ -403,6 +404,9 @@ def serve(config: Any, settings: ServerSettings, *,
     try:
         host, port = sock.getsockname()[:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        if os.environ.get("METERLINE_SERVER_HTTP", "").strip() == "granian":
+            _serve_granian(server, sock, lambda: on_listening and on_listening(url))
+            return
         if on_listening is not None:
             on_listening(url)
         uv = uvicorn.Server(uvicorn.Config(server.asgi, loop="uvloop", http="httptools",
@@ -412,3 +416,32 @@ def serve(config: Any, settings: ServerSettings, *,
     finally:
         server.close()
         sock.close()
+
+
+def _serve_granian(server: Server, sock: socket.socket, listening: Callable[[], Any]
+                   ) -> None:
+    """The same ASGI app on granian's embedded server (Rust HTTP, experimental upstream),
+    for benchmarks/server_ingest.py --servers granian only (``METERLINE_SERVER_HTTP``;
+    granian is not a dependency: ``pip install granian`` first). Granian binds its own
+    socket, so the port already chosen is handed over: a short window where another
+    process could take it, acceptable for a benchmark, not for production."""
+    import signal
+
+    import uvloop
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server as Granian
+
+    host, port = sock.getsockname()[:2]
+    sock.close()
+    granian = Granian(server.asgi, address=host, port=port, interface=Interfaces.ASGI,
+                      log_level=LogLevels.warning, backlog=2048)
+    granian.on_startup(listening)  # once its socket listens, not before
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, granian.stop)
+        await granian.serve()
+
+    uvloop.run(main())
