@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quix-grace-ms", type=int, default=3_600_000,
                         help="quixstreams window grace; its default 0 drops this workload's "
                              "late events (the peer check then reports it wrong)")
+    parser.add_argument("--workload", choices=("high", "low"), default="high",
+                        help="high: each envelope spread over ~250 customers; low: one "
+                             "customer per envelope (one app instance)")
     parser.add_argument("--engines", type=_engines, default=("columnar",),
                         help="comma-separated [rollups] engines for the worker run, each "
                              "its own run on the same events (first: the ratios' worker)")
@@ -229,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             workload = None
             if {"worker", "raw", "quix", "naive"} & set(runs):
                 workload = Workload(args.events, verify=not args.no_verify,
-                                    keep_events="quix" in runs or "naive" in runs)
+                                    keep_events="quix" in runs or "naive" in runs,
+                                    cardinality=args.workload)
+                summary["workload"] = args.workload
             if "worker" in runs:
                 # One worker run per engine, same broker and events; the first on the
                 # usage topic the raw loop reads, the others on topics of their own.

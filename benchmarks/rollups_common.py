@@ -34,10 +34,11 @@ from faust_naive import _tail  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- helpers
-def _records(events: int, *, truth: Any = None) -> list[Any]:
+def _records(events: int, *, truth: Any = None, cardinality: str = "high") -> list[Any]:
     """usage_log records: batches of 4 x ~500 events (one envelope per partition), event
     times spread over ~3 h ending an hour before now (recent for the TTLs, never in the
-    future of the log clock)."""
+    future of the log clock). ``cardinality``: "high", each envelope spread over its
+    partition's ~250 customers; "low", one customer per envelope."""
     from meterline.testing.usage_log import usage_records
 
     now = time.time_ns() // 1_000_000
@@ -46,7 +47,8 @@ def _records(events: int, *, truth: Any = None) -> list[Any]:
     start = now - now % HOUR_MS - 4 * HOUR_MS
     return list(usage_records(events, CUSTOMERS, PARTITIONS, start_ms=start,
                               events_per_batch=500 * PARTITIONS,
-                              ms_per_batch=max(1, span_ms // batches), truth=truth))
+                              ms_per_batch=max(1, span_ms // batches), truth=truth,
+                              one_customer_per_envelope=cardinality == "low"))
 
 
 def _produce(bootstrap: str, topic: str, records: list[Any]) -> float:
@@ -213,8 +215,10 @@ class Workload:
     """The run's events, generated once: the envelopes every consumer reads and, with
     ``keep_events``, the distinct events for the one-event-per-message peers."""
 
-    def __init__(self, events: int, *, verify: bool, keep_events: bool) -> None:
+    def __init__(self, events: int, *, verify: bool, keep_events: bool,
+                 cardinality: str = "high") -> None:
         self.events = events
+        self.cardinality = cardinality
         self.log = EventLog() if keep_events else None
         truth: Any = self.log if self.log is not None else None
         if truth is None and verify:
@@ -222,7 +226,7 @@ class Workload:
 
             truth = Truth()
         t0 = time.perf_counter()
-        self.records = _records(events, truth=truth)
+        self.records = _records(events, truth=truth, cardinality=cardinality)
         self.gen_s = time.perf_counter() - t0
         self.truth = self.log.truth if self.log is not None else truth
 

@@ -69,13 +69,23 @@ def usage_records(events: int, customers: int, partitions: int, *, start_ms: int
                   events_per_batch: int = 500, ms_per_batch: int = 1_000,
                   resend_rate: float = 0.03, explicit_id_rate: float = 0.02,
                   duplicate_id_rate: float = 0.3, jitter_ms: int = 30 * 60_000,
-                  seed: int = 11, truth: Truth | None = None) -> Iterator[Record]:
+                  seed: int = 11, truth: Truth | None = None,
+                  one_customer_per_envelope: bool = False) -> Iterator[Record]:
     """Yield records in send order. Event times start at ``start_ms`` and advance
     ``ms_per_batch`` per batch; each event is up to ``jitter_ms`` older than its batch
-    (inside the default allowed lateness, so nothing here is too late)."""
+    (inside the default allowed lateness, so nothing here is too late).
+
+    ``one_customer_per_envelope``: the low-cardinality shape (one app instance emitting
+    for its own customer): each round picks one customer per partition and every new
+    event of the round goes to one of them, and a client retry re-sends an event of the
+    same customer, so every envelope holds one customer."""
     rng = random.Random(seed)
     names = [f"cust-{i:05d}" for i in range(customers)]
     part_of = {c: partition_for(c, partitions) for c in names}
+    in_part: dict[int, list[str]] = {}
+    for c in names:
+        in_part.setdefault(part_of[c], []).append(c)
+    parts = sorted(in_part)
     sent: list[Record] = []
     # Events sent under an explicit id: (customer, meter, nanos, ts, dims, id).
     with_ids: list[tuple[str, str, int, int, dict[str, str], str]] = []
@@ -86,8 +96,10 @@ def usage_records(events: int, customers: int, partitions: int, *, start_ms: int
         clock = start_ms + b * ms_per_batch
         n = min(events_per_batch, events - made)
         by_part: dict[int, list[tuple]] = {}
+        round_names = ([rng.choice(in_part[p]) for p in parts] if one_customer_per_envelope
+                       else names)
         for _ in range(n):
-            c = names[rng.randrange(customers)]
+            c = round_names[rng.randrange(len(round_names))]
             meter = rng.choice(tuple(METERS))
             ts = clock - rng.randrange(jitter_ms)
             if meter in ("api_calls", "active_users"):
@@ -108,7 +120,12 @@ def usage_records(events: int, customers: int, partitions: int, *, start_ms: int
             if with_ids and rng.random() < explicit_id_rate * duplicate_id_rate:
                 # Recent ones: a retry comes soon, inside the allowed lateness (an old
                 # retry would be a late event, another path).
-                original = rng.choice(with_ids[-200:])
+                pool = with_ids[-200:]
+                if one_customer_per_envelope:
+                    # One app instance retries its own customer's events only.
+                    pool = [w for w in with_ids[-5_000:] if w[0] == c] or [
+                        (c, meter, q, ts, dims, f"{c}|k{made}")]
+                original = rng.choice(pool)
                 if rng.random() < 0.8:
                     # A client retry: the same event under the same idempotency key, in a
                     # later batch. Counts once.
