@@ -19,29 +19,9 @@ for name in chromium chromium-browser; do
     fi
 done
 say() { echo "tools/chromium/install.sh: $*" >&2; }
-if ! command -v apt-get >/dev/null; then
-    say "no apt-get on this machine: install Chromium (chromium) by hand"
-    exit 0
-fi
-sudo=()
-if [[ "$(id -u)" != 0 ]]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        sudo=(sudo -n)
-    else
-        say "not root and no passwordless sudo: cannot apt-get install chromium"
-        exit 0
-    fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends chromium >/dev/null; then
-    # A fresh machine has no package lists yet.
-    "${sudo[@]}" apt-get update -q >/dev/null || true
-    if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends chromium >/dev/null; then
-        say "apt-get install chromium failed"
-        exit 0
-    fi
-fi
+source "$(dirname "$0")/../lib/apt.sh"
+apt_ready tools/chromium/install.sh "Chromium (chromium)" || exit 0
+apt_install tools/chromium/install.sh chromium || exit 0
 if command -v chromium >/dev/null; then
     command -v chromium
 else

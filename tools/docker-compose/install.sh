@@ -28,31 +28,8 @@ if found; then
     exit 0
 fi
 say() { echo "tools/docker-compose/install.sh: $*" >&2; }
-if ! command -v apt-get >/dev/null; then
-    say "no apt-get on this machine: install Docker Compose by hand"
-    exit 0
-fi
-sudo=()
-if [[ "$(id -u)" != 0 ]]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        sudo=(sudo -n)
-    else
-        say "not root and no passwordless sudo: cannot apt-get install docker-compose"
-        exit 0
-    fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-install() {
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends docker-compose >/dev/null
-}
-if ! install; then
-    # A fresh machine has no package lists yet.
-    "${sudo[@]}" apt-get update -q >/dev/null || true
-    if ! install; then
-        say "apt-get install docker-compose failed"
-        exit 0
-    fi
-fi
+source "$(dirname "$0")/../lib/apt.sh"
+apt_ready tools/docker-compose/install.sh "Docker Compose" || exit 0
+apt_install tools/docker-compose/install.sh docker-compose || exit 0
 found || say "the docker-compose package installed, but \`docker-compose version\` fails"
 exit 0

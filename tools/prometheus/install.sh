@@ -18,39 +18,22 @@ if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
     exit 0
 fi
 say() { echo "tools/prometheus/install.sh: $*" >&2; }
-if ! command -v apt-get >/dev/null; then
-    say "no apt-get on this machine: install Prometheus 2.x (prometheus, promtool) by hand"
-    exit 0
-fi
-sudo=()
-if [[ "$(id -u)" != 0 ]]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        sudo=(sudo -n)
-    else
-        say "not root and no passwordless sudo: cannot apt-get install prometheus"
-        exit 0
-    fi
-fi
+source "$(dirname "$0")/../lib/apt.sh"
+apt_ready tools/prometheus/install.sh "Prometheus 2.x (prometheus, promtool)" || exit 0
 
+# Debian's prometheus package starts the service on install; no service here (CI,
+# containers): policy-rc.d 101 tells invoke-rc.d not to start anything.
 policy=/usr/sbin/policy-rc.d
 made_policy=0
 if [[ ! -e "$policy" ]]; then
-    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
-    "${sudo[@]}" chmod 755 "$policy"
+    printf '#!/bin/sh\nexit 101\n' | "${APT_SUDO[@]}" tee "$policy" >/dev/null
+    "${APT_SUDO[@]}" chmod 755 "$policy"
     made_policy=1
 fi
-cleanup() { if [[ "$made_policy" == 1 ]]; then "${sudo[@]}" rm -f "$policy"; fi; }
+cleanup() { if [[ "$made_policy" == 1 ]]; then "${APT_SUDO[@]}" rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-export DEBIAN_FRONTEND=noninteractive
-if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends prometheus >/dev/null; then
-    # A fresh machine has no package lists yet.
-    "${sudo[@]}" apt-get update -q >/dev/null || true
-    if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends prometheus >/dev/null; then
-        say "apt-get install prometheus failed"
-        exit 0
-    fi
-fi
+apt_install tools/prometheus/install.sh prometheus || exit 0
 if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
     command -v prometheus
 else

@@ -18,29 +18,9 @@ if command -v wrk >/dev/null; then
     exit 0
 fi
 say() { echo "tools/wrk/install.sh: $*" >&2; }
-if ! command -v apt-get >/dev/null; then
-    say "no apt-get on this machine: install wrk (https://github.com/wg/wrk) by hand"
-    exit 0
-fi
-sudo=()
-if [[ "$(id -u)" != 0 ]]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        sudo=(sudo -n)
-    else
-        say "not root and no passwordless sudo: cannot apt-get install wrk"
-        exit 0
-    fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends wrk >/dev/null; then
-    # A fresh machine has no package lists yet.
-    "${sudo[@]}" apt-get update -q >/dev/null || true
-    if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends wrk >/dev/null; then
-        say "apt-get install wrk failed"
-        exit 0
-    fi
-fi
+source "$(dirname "$0")/../lib/apt.sh"
+apt_ready tools/wrk/install.sh "wrk (https://github.com/wg/wrk)" || exit 0
+apt_install tools/wrk/install.sh wrk || exit 0
 if command -v wrk >/dev/null; then
     command -v wrk
 else
