@@ -385,6 +385,9 @@ def run_rollup_local(config: Any, log_path: Path, *, checkpoint_path: Path | Non
     local_log = LocalLog(log_path)
     try:
         migrate(storage, storage.database, config.retention_policy())
+        from meterline.gc_tuning import tune_gc
+
+        tune_gc("METERLINE_WORKER_GC")  # startup done (meterline/gc_tuning.py)
         with stop_on_signals() as stop:
             counters = run_embedded_rollups(
                 local_log, storage, registry,

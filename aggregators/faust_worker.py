@@ -376,6 +376,11 @@ def run_worker(config: Any) -> None:
         r.engine)
     ensure_topics(settings)
     app = build_app(settings, config.registry())
+    from meterline.gc_tuning import tune_gc
+
+    # Startup done (Faust's app, clients, the registry): freeze it and let per-record
+    # garbage go by reference counting (meterline/gc_tuning.py says why and what it gave).
+    tune_gc("METERLINE_WORKER_GC")
     port = os.environ.get("METERLINE_METRICS_PORT")
     if port:
         from meterline.aggregators.metrics import serve_metrics
