@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.inprocess:
         from rollups_inprocess import run_inprocess
 
+        from meterline.gc_tuning import tune_gc
+
+        # As `meterline worker` does once started (METERLINE_WORKER_GC=default: off).
+        tune_gc("METERLINE_WORKER_GC")
         for engine in args.engines:  # one after the other, same records
             result = run_inprocess(args.events, args.inprocess, args.checkpoint_interval_s,
                                    args.phases, engine=engine)
