@@ -48,6 +48,18 @@ def test_rollups_harness_small() -> None:  # `make bench-rollups`
     assert all(t["verify"] == "exact" and t["events"] == 20000 for t in by_engine.values())
 
 
+def test_rollups_inprocess_phases_small() -> None:  # e2e_rollups.py --inprocess, both engines
+    out = _run("benchmarks/e2e_rollups.py", "--inprocess", "json", "--phases", "--events",
+               "20000", "--engines", "columnar,per-event")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["engine"] for r in runs] == ["columnar", "per-event"]
+    # Same records, same outcome, whichever engine folded them.
+    assert len({(r["accepted"], r["duplicate"], r["rejected"], r["output_bytes"])
+                for r in runs}) == 1
+    assert all(r["accepted"] > 0 and r["phases_us_per_event"] for r in runs)
+
+
 def test_open_windows_rss_small() -> None:  # benchmarks/rollup_windows_rss.py
     out = _run("benchmarks/rollup_windows_rss.py", "--windows", "5000")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
