@@ -23,6 +23,31 @@ import time
 from typing import Any
 
 
+class Tally:
+    """What both loops keep per record: decoded or refused, events, sum of quantities."""
+
+    def __init__(self) -> None:
+        from meterline.core.envelope import decode_batch
+        from meterline.core.errors import EnvelopeError
+
+        self._decode, self._refusal = decode_batch, EnvelopeError
+        self.records = self.events = self.quantity = self.refused = 0
+
+    def add(self, payload: bytes) -> None:
+        try:
+            b = self._decode(payload)
+        except self._refusal:
+            self.refused += 1
+            return
+        self.records += 1
+        self.events += len(b.customers)
+        self.quantity += sum(b.quantities)
+
+    def report(self) -> dict[str, int]:
+        return {"records": self.records, "events_decoded": self.events,
+                "quantity_nanos": self.quantity, "refused": self.refused}
+
+
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
     if cfg.get("client") == "aiokafka":
@@ -31,9 +56,6 @@ def main(argv: list[str]) -> int:
         print(json.dumps(asyncio.run(_aiokafka(cfg))), flush=True)
         return 0
     from confluent_kafka import Consumer
-
-    from meterline.core.envelope import decode_batch
-    from meterline.core.errors import EnvelopeError
 
     expected = int(cfg["records"])
     idle_s = float(cfg.get("idle_timeout_s", 60))
@@ -46,11 +68,11 @@ def main(argv: list[str]) -> int:
     consumer = Consumer({"bootstrap.servers": cfg["bootstrap"], "group.id": cfg["group"],
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([cfg["topic"]], on_assign=on_assign)
-    records = events = quantity = refused = errors = 0
+    tally, errors = Tally(), 0
     first = last = None
     progress_at = perf()
     try:
-        while records + refused < expected:
+        while tally.records + tally.refused < expected:
             batch = consumer.consume(1000, 0.5)
             now = perf()
             if not batch:
@@ -64,21 +86,13 @@ def main(argv: list[str]) -> int:
                 if msg.error() is not None:
                     errors += 1
                     continue
-                try:
-                    b = decode_batch(msg.value())
-                except EnvelopeError:
-                    refused += 1
-                    continue
-                records += 1
-                events += len(b.customers)
-                quantity += sum(b.quantities)
+                tally.add(msg.value())
             last = perf()
     finally:
         consumer.close()
     start = assigned_at[-1] if assigned_at else first
     print(json.dumps({
-        "records": records, "events_decoded": events, "quantity_nanos": quantity,
-        "refused": refused, "errors": errors,
+        **tally.report(), "errors": errors,
         "seconds": None if start is None or last is None else round(last - start, 3),
         "seconds_first_to_last": None if first is None or last is None
         else round(last - first, 3),
@@ -89,9 +103,6 @@ def main(argv: list[str]) -> int:
 async def _aiokafka(cfg: dict[str, Any]) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer
 
-    from meterline.core.envelope import decode_batch
-    from meterline.core.errors import EnvelopeError
-
     expected = int(cfg["records"])
     idle_s = float(cfg.get("idle_timeout_s", 60))
     perf = time.perf_counter
@@ -100,11 +111,11 @@ async def _aiokafka(cfg: dict[str, Any]) -> dict[str, Any]:
                                 enable_auto_commit=False)
     await consumer.start()
     start = perf()  # start() returns once the group is joined and partitions assigned
-    records = events = quantity = refused = 0
+    tally = Tally()
     first = last = None
     progress_at = perf()
     try:
-        while records + refused < expected:
+        while tally.records + tally.refused < expected:
             fetched = await consumer.getmany(timeout_ms=500, max_records=1000)
             now = perf()
             if not fetched:
@@ -116,19 +127,11 @@ async def _aiokafka(cfg: dict[str, Any]) -> dict[str, Any]:
                 first = now
             for msgs in fetched.values():
                 for msg in msgs:
-                    try:
-                        b = decode_batch(msg.value or b"")
-                    except EnvelopeError:
-                        refused += 1
-                        continue
-                    records += 1
-                    events += len(b.customers)
-                    quantity += sum(b.quantities)
+                    tally.add(msg.value or b"")
             last = perf()
     finally:
         await consumer.stop()
-    return {"client": "aiokafka", "records": records, "events_decoded": events,
-            "quantity_nanos": quantity, "refused": refused, "errors": 0,
+    return {"client": "aiokafka", **tally.report(), "errors": 0,
             "seconds": None if last is None else round(last - start, 3),
             "seconds_first_to_last": None if first is None or last is None
             else round(last - first, 3)}
