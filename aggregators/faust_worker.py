@@ -150,7 +150,6 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
     seeks: dict[TopicPartition, asyncio.Future[None]] = {}
     delivered: dict[TopicPartition, float] = {}  # last delivery per partition (monotonic)
     next_stall_check = [0.0]
-    pending_records = [0]
     streams: list[Any] = []
     topic = app.topic(settings.topic, key_serializer="raw", value_serializer="raw")
 
@@ -265,10 +264,10 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
             delivered[tp] = time.monotonic()
             async with lock:
                 pending.setdefault(tp, []).append((event, record))
-                pending_records[0] += 1
                 flush_due, checkpoint_due = worker.due()
-                if pending_records[0] >= FOLD_RECORDS or flush_due or checkpoint_due:
-                    pending_records[0] = 0
+                # Counted, not tracked: revocations drop runs from ``pending`` too.
+                held = sum(map(len, pending.values()))
+                if held >= FOLD_RECORDS or flush_due or checkpoint_due:
                     await fold_pending()
                 if flush_due or checkpoint_due:
                     await flush(checkpoint=checkpoint_due)
@@ -280,7 +279,6 @@ def build_app(settings: WorkerSettings, registry: MeterRegistry) -> Any:
         async with lock:
             flush_due, checkpoint_due = worker.due()
             if flush_due or checkpoint_due:
-                pending_records[0] = 0
                 await fold_pending()
                 await flush(checkpoint=checkpoint_due)
         await check_stalled()
