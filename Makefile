@@ -9,15 +9,22 @@ STAMP := $(VENV)/.meterline-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: demo test install kafka prometheus stripe-mock chromium docker-compose wrk lint bench bench-e2e bench-rollups bench-state bench-export clean
 
+# The compiled column builder (native/, Rust): rebuilt when a file of it changes.
+NATIVE_STAMP := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/src/*.rs | cksum | cut -d' ' -f1)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.meterline-* && touch $@
 
-install: $(STAMP)
+$(NATIVE_STAMP): $(STAMP) native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
+	bash tools/native/build.sh $(BIN)/python
+	rm -f $(VENV)/.native-* && touch $@
 
-demo: $(STAMP)
+install: $(STAMP) $(NATIVE_STAMP)
+
+demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/meterline demo
 
 kafka:
@@ -45,27 +52,27 @@ docker-compose:
 wrk:
 	bash tools/wrk/install.sh
 
-test: $(STAMP) kafka prometheus stripe-mock chromium docker-compose wrk
+test: $(STAMP) $(NATIVE_STAMP) kafka prometheus stripe-mock chromium docker-compose wrk
 	$(BIN)/python -m pytest -p no:cacheprovider
 
-lint: $(STAMP)
+lint: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy meterline sdk ingest sinks aggregators
 
-bench: $(STAMP) kafka
+bench: $(STAMP) $(NATIVE_STAMP) kafka
 	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-only
 
 bench-e2e: $(STAMP) kafka
 	$(BIN)/python benchmarks/e2e_sdk_kafka.py
 
-bench-rollups: $(STAMP) kafka
+bench-rollups: $(STAMP) $(NATIVE_STAMP) kafka
 	$(BIN)/python benchmarks/e2e_rollups.py
 
-bench-state: $(STAMP)
+bench-state: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python benchmarks/checkpoint_state.py
 
 # invoicing export (issue 10): items/s to the local signed-webhook receiver (docs/export.md)
-bench-export: $(STAMP)
+bench-export: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python benchmarks/export_throughput.py
 
 clean:

@@ -17,7 +17,9 @@ equality at the end, so a fast wrong fold cannot report a number):
 - reference: ``decode_batch``, ``RollupState.apply_batch``, output records (``_collect``),
   ``take_flush`` (the flush is the same code for both);
 - columnar: ``decode_batch``, ``build_columns`` (vectorised validation), the ordered loop
-  (``_fold_run`` minus its parts), ``merge_accepted`` (group-by + merge), ``take_flush``.
+  (``_fold_run`` minus its parts), ``merge_accepted`` (group-by + merge), ``take_flush``;
+- native: the columnar fold with the compiled decoder and column builder (``native/``):
+  ``NativeColumns.decode`` and ``.columns`` in place of the first two.
 
 "decode+fold" = everything but ``take_flush``. Prints one JSON line per workload and a
 table. ``--repeat`` runs alternate the two engines and keep each one's fastest run
@@ -141,15 +143,36 @@ COLUMNAR_PHASES = [
     ("meterline.aggregators.columnar.processor", None, "merge_accepted", "group-by + merge"),
     ("meterline.aggregators.processor", "PartitionProcessor", "_collect", "outputs (_collect)"),
 ]
+NATIVE_PHASES = [
+    ("meterline.aggregators.columnar.native", "NativeColumns", "decode", "decode"),
+    ("meterline.aggregators.columnar.native", "NativeColumns", "columns",
+     "columns + validation"),
+    *COLUMNAR_PHASES[2:],
+]
+# engine -> (columnar processor?, METERLINE_NATIVE, phases)
+ENGINES = {"reference": (False, "0", REFERENCE_PHASES),
+           "columnar": (True, "0", COLUMNAR_PHASES),  # numpy column builder
+           "native": (True, "1", NATIVE_PHASES)}  # compiled decoder + builder (native/)
 
 
-def run(records: list[SourceRecord], fetch_records: int, columnar: bool,
+def run(records: list[SourceRecord], fetch_records: int, engine: str,
         registry: MeterRegistry) -> dict[str, Any]:
+    import os
+
     from meterline.aggregators.columnar import ColumnarPartitionProcessor
     from meterline.aggregators.processor import PartitionProcessor
 
-    cls = ColumnarPartitionProcessor if columnar else PartitionProcessor
-    procs = {p: cls("usage", p, registry) for p in range(PARTITIONS)}
+    columnar, native_flag, phases_of = ENGINES[engine]
+    before = os.environ.get("METERLINE_NATIVE")
+    os.environ["METERLINE_NATIVE"] = native_flag  # read when a processor is built
+    try:
+        cls = ColumnarPartitionProcessor if columnar else PartitionProcessor
+        procs = {p: cls("usage", p, registry) for p in range(PARTITIONS)}
+    finally:
+        if before is None:
+            os.environ.pop("METERLINE_NATIVE")
+        else:
+            os.environ["METERLINE_NATIVE"] = before
     by_part: dict[int, list[SourceRecord]] = {p: [] for p in range(PARTITIONS)}
     for r in records:
         by_part[r.partition].append(r)
@@ -160,7 +183,7 @@ def run(records: list[SourceRecord], fetch_records: int, columnar: bool,
     totals: dict[str, float] = {}
     fold_s = flush_s = 0.0
     rows = []
-    with timed(COLUMNAR_PHASES if columnar else REFERENCE_PHASES, totals):
+    with timed(phases_of, totals):
         for p, fetch in fetches:
             proc = procs[p]
             t0 = time.perf_counter()
@@ -182,7 +205,7 @@ def run(records: list[SourceRecord], fetch_records: int, columnar: bool,
     phases = {**totals, "other (loop, dedupe, lateness)": fold_s - named,
               "take_flush": flush_s}
     out: dict[str, Any] = {
-        "engine": "columnar" if columnar else "reference", "events": events,
+        "engine": engine, "events": events,
         "decode_fold_s": round(fold_s, 3),
         "decode_fold_events_per_s": round(events / fold_s),
         "with_flush_events_per_s": round(events / (fold_s + flush_s)),
@@ -192,6 +215,7 @@ def run(records: list[SourceRecord], fetch_records: int, columnar: bool,
     if columnar:
         stats = [proc.stats for proc in procs.values()]  # type: ignore[attr-defined]
         out["slow_path_events"] = sum(s.slow_events for s in stats)
+        out["slow_path_records"] = sum(s.slow_records for s in stats)
         out["ordered_events"] = sum(s.ordered_events for s in stats)
         out["windows_merged"] = sum(s.windows_merged for s in stats)
     return out
@@ -206,43 +230,48 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs per engine, alternating; the fastest of each is shown")
     args = parser.parse_args(argv)
     registry = MeterRegistry.load(DEFAULT_METERS)
+    from meterline.aggregators.columnar import native
+
+    engines = [e for e in ENGINES if e != "native" or native.available()]
     results = []
     for name, make in (("high", high_cardinality), ("low", low_cardinality)):
         records = make(args.events)
-        best: dict[bool, dict[str, Any]] = {}
+        best: dict[str, dict[str, Any]] = {}
         for _ in range(args.repeat):  # alternating, best of: the machine is shared
-            ref = run(records, args.fetch_records, False, registry)
-            col = run(records, args.fetch_records, True, registry)
-            if ref.pop("_outputs") != col.pop("_outputs"):
-                raise SystemExit(f"{name}: the columnar fold's outputs differ from the "
-                                 "reference")
-            for engine, result in ((False, ref), (True, col)):
+            runs = {engine: run(records, args.fetch_records, engine, registry)
+                    for engine in engines}
+            expected = runs["reference"].pop("_outputs")
+            for engine, result in runs.items():
+                if engine != "reference" and result.pop("_outputs") != expected:
+                    raise SystemExit(f"{name}: the {engine} fold's outputs differ from the "
+                                     "reference")
                 if engine not in best or result["decode_fold_s"] < best[engine]["decode_fold_s"]:
                     best[engine] = result
-        ref, col = best[False], best[True]
-        summary = {"workload": name, "records": len(records),
-                   "fetch_records": args.fetch_records, "repeat": args.repeat,
-                   "reference": ref, "columnar": col,
-                   "decode_fold_ratio": round(col["decode_fold_events_per_s"]
-                                              / ref["decode_fold_events_per_s"], 2),
-                   "with_flush_ratio": round(col["with_flush_events_per_s"]
-                                             / ref["with_flush_events_per_s"], 2)}
+        ref = best["reference"]
+        summary: dict[str, Any] = {"workload": name, "records": len(records),
+                                   "fetch_records": args.fetch_records, "repeat": args.repeat,
+                                   **best}
+        for engine in engines[1:]:
+            summary[f"{engine}_decode_fold_ratio"] = round(
+                best[engine]["decode_fold_events_per_s"] / ref["decode_fold_events_per_s"], 2)
+            summary[f"{engine}_with_flush_ratio"] = round(
+                best[engine]["with_flush_events_per_s"] / ref["with_flush_events_per_s"], 2)
         print(json.dumps(summary))
         results.append(summary)
     for s in results:
         print(f"\n{s['workload']} cardinality: {s['records']} records, outputs equal")
-        print(f"{'':34}{'reference':>12}{'columnar':>12}")
+        print(f"{'':34}" + "".join(f"{e:>12}" for e in engines))
         for label in ("decode_fold_events_per_s", "with_flush_events_per_s"):
-            print(f"{label:34}{s['reference'][label]:>12,}{s['columnar'][label]:>12,}")
-        keys = list(dict.fromkeys([*s["reference"]["us_per_event"],
-                                   *s["columnar"]["us_per_event"]]))
+            print(f"{label:34}" + "".join(f"{s[e][label]:>12,}" for e in engines))
+        keys = list(dict.fromkeys(k for e in engines for k in s[e]["us_per_event"]))
         for k in keys:
-            a = s["reference"]["us_per_event"].get(k, "")
-            b = s["columnar"]["us_per_event"].get(k, "")
-            print(f"  us/event {k:25}{a!s:>12}{b!s:>12}")
-        print(f"ratio decode+fold {s['decode_fold_ratio']}x, with flush "
-              f"{s['with_flush_ratio']}x; slow path {s['columnar']['slow_path_events']} "
-              f"events, ordered (explicit ids) {s['columnar']['ordered_events']}")
+            print(f"  us/event {k:25}"
+                  + "".join(f"{s[e]['us_per_event'].get(k, '')!s:>12}" for e in engines))
+        for e in engines[1:]:
+            print(f"{e} / reference: decode+fold {s[f'{e}_decode_fold_ratio']}x, with flush "
+                  f"{s[f'{e}_with_flush_ratio']}x; slow path {s[e]['slow_path_events']} "
+                  f"events + {s[e]['slow_path_records']} records, ordered (explicit ids) "
+                  f"{s[e]['ordered_events']}")
     return 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -41,6 +42,8 @@ from meterline.aggregators.columnar.columns import (
     quantities_of,
 )
 from meterline.aggregators.columnar.fold import merge_accepted
+from meterline.aggregators.columnar.native import NativeColumns
+from meterline.aggregators.columnar.native import enabled as native_enabled
 from meterline.aggregators.id_store import IdStore
 from meterline.aggregators.processor import PartitionProcessor, RollupSettings
 from meterline.core.dedupe import scoped_id
@@ -75,6 +78,7 @@ class ColumnarStats:
     run_events: int = 0  # folded column-wise
     ordered_events: int = 0  # of those: explicit ids, deduped one by one in log order
     slow_events: int = 0  # folded by the per-event code (see the module docstring)
+    slow_records: int = 0  # of the native decoder's refusals: folded by the per-event code
     windows_merged: int = 0
 
 
@@ -82,7 +86,7 @@ class ColumnarStats:
 class _Item:
     record: SourceRecord
     now_ms: int
-    batch: Batch | None  # None: the envelope was refused (error)
+    batch: Any  # Batch, a native batch, or None: the envelope was refused (error)
     error: EnvelopeError | None
     quantities: RecordQuantities | None
 
@@ -96,6 +100,8 @@ class ColumnarPartitionProcessor(PartitionProcessor):
         super().__init__(source, partition, registry, settings, next_offset=next_offset,
                          ids=ids)
         self._plans: dict[str, MeterPlan | None] = {}
+        # The compiled decoder + column builder (native.py), unless absent or turned off.
+        self._native = NativeColumns(registry) if native_enabled() else None
         # Upper bound of |total| over the sum windows; None: recompute from the state.
         self._bound: int | None = None
         self.stats = ColumnarStats()
@@ -123,6 +129,27 @@ class ColumnarPartitionProcessor(PartitionProcessor):
                 self._fold_run(run, run_abs)
                 return n
             expected += 1
+            if self._native is not None:
+                native = self._native.decode(record.payload)
+                if native is None or not self._room(0, native.abs_sum):
+                    # Refused, unusual or near the range edge: the reference fold decides.
+                    self._fold_run(run, run_abs)
+                    run, run_abs, run_events = [], 0, 0
+                    if native is None:
+                        self.stats.slow_records += 1
+                    else:
+                        self.stats.slow_events += len(native)
+                    self.process(record)
+                    continue
+                if (not self._room(run_abs, native.abs_sum)
+                        or run_events + len(native) > MAX_RUN_EVENTS):
+                    self._fold_run(run, run_abs)
+                    run, run_abs, run_events = [], 0, 0
+                run_abs += native.abs_sum
+                run_events += len(native)
+                run.append(_Item(record, self._advance_clock(record, native.created_ms),
+                                 native, None, None))
+                continue
             try:
                 batch: Batch | None = decode_batch(record.payload)
                 error = None
@@ -142,15 +169,19 @@ class ColumnarPartitionProcessor(PartitionProcessor):
                 assert quantities is not None
                 run_abs += quantities.abs_sum
                 run_events += len(batch)
-            # The processing clock, as PartitionProcessor.process moves it.
-            if record.timestamp_ms > self._clock_ms:
-                self._clock_ms = record.timestamp_ms
-            now_ms = self._clock_ms
-            if batch is not None and now_ms < 0:
-                now_ms = self._clock_ms = max(self._clock_ms, batch.created_ms)
+            now_ms = self._advance_clock(record, None if batch is None else batch.created_ms)
             run.append(_Item(record, now_ms, batch, error, quantities))
         self._fold_run(run, run_abs)
         return len(records)
+
+    def _advance_clock(self, record: SourceRecord, created_ms: int | None) -> int:
+        """The processing clock, as PartitionProcessor.process moves it."""
+        if record.timestamp_ms > self._clock_ms:
+            self._clock_ms = record.timestamp_ms
+        now_ms = self._clock_ms
+        if created_ms is not None and now_ms < 0:
+            now_ms = self._clock_ms = max(self._clock_ms, created_ms)
+        return now_ms
 
     def _room(self, run_abs: int, abs_sum: int) -> bool:
         """Whether a run of |quantities| ``run_abs + abs_sum`` keeps every sum window in
@@ -165,13 +196,17 @@ class ColumnarPartitionProcessor(PartitionProcessor):
     def _fold_run(self, run: list[_Item], run_abs: int) -> None:
         if not run:
             return
-        batches, quantities, clocks = [], [], []
-        for item in run:
-            if item.batch is not None and item.quantities is not None:
-                batches.append(item.batch)
-                quantities.append(item.quantities.values)
-                clocks.append(item.now_ms)
-        cols = build_columns(batches, quantities, clocks, self.registry, self._plans)
+        if self._native is not None:  # every item is a NativeBatch
+            cols = self._native.columns([item.batch for item in run],
+                                        [item.now_ms for item in run], self._plans)
+        else:
+            batches, quantities, clocks = [], [], []
+            for item in run:
+                if item.batch is not None and item.quantities is not None:
+                    batches.append(item.batch)
+                    quantities.append(item.quantities.values)
+                    clocks.append(item.now_ms)
+            cols = build_columns(batches, quantities, clocks, self.registry, self._plans)
         n = cols.n
         valid = cols.reason == 0
         explicit = valid & cols.has_id
@@ -206,7 +241,7 @@ class ColumnarPartitionProcessor(PartitionProcessor):
                     else dedupers.sequences.seen_or_add(batch.producer, batch.seq or 0,
                                                         now_ms, batch_until)):
                 out.duplicate_batch, out.duplicate = True, len(batch)
-                self._collect(record, batch, out, now_ms)
+                self._collect(record, cast(Batch, batch), out, now_ms)  # counters only
                 continue
             legacy = dedupers.legacy_ids
             if legacy is not None:
@@ -250,7 +285,11 @@ class ColumnarPartitionProcessor(PartitionProcessor):
             out.late = len(out.late_events)
             if live.any():
                 watermark.observe(int(cols.timestamp[s:e][live].max()))
-            self._collect(record, batch, out, now_ms)
+            if type(batch) is not Batch and (out.dead_letters or out.late_events):
+                # Their records carry the events' fields: read them the Python way (the
+                # native decoder took this envelope, so decode_batch takes it too).
+                batch = decode_batch(record.payload)
+            self._collect(record, cast(Batch, batch), out, now_ms)
         self.stats.windows_merged += merge_accepted(state, cols, accepted, self._dirty)
         self.stats.runs += 1
         self.stats.run_events += n

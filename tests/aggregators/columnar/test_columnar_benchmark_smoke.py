@@ -20,6 +20,7 @@ def test_columnar_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert [s["workload"] for s in lines] == ["high", "low"]
     for s in lines:
         assert s["reference"]["events"] == s["columnar"]["events"] > 0
+        assert s["native"]["events"] == s["reference"]["events"]
 
 
 def test_columnar_benchmark_refuses_different_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
