@@ -76,7 +76,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rollups_* modules
 
-from rollups_common import CHECKPOINT_INTERVAL_S, PARTITIONS, Workload, _git_head, log  # noqa: E402
+from rollups_common import (  # noqa: E402
+    CHECKPOINT_INTERVAL_S,
+    ENGINES,
+    PARTITIONS,
+    Workload,
+    _git_head,
+    log,
+)
 
 RUNS = ("worker", "raw", "raw-aiokafka", "quix", "naive", "freshness")
 
@@ -154,8 +161,8 @@ def _table(s: dict[str, Any]) -> str:
 
 def _engines(text: str) -> tuple[str, ...]:
     engines = tuple(e.strip() for e in text.split(",") if e.strip())
-    if not engines or any(e not in ("columnar", "per-event") for e in engines):
-        raise argparse.ArgumentTypeError(f"engines are columnar and per-event, got {text!r}")
+    if not engines or any(e not in ENGINES for e in engines):
+        raise argparse.ArgumentTypeError(f"engines are {', '.join(ENGINES)}, got {text!r}")
     return engines
 
 

@@ -267,3 +267,15 @@ def _produce_messages(bootstrap: str, topic: str, messages: Any) -> tuple[int, f
     if producer.flush(120) or errors:
         raise RuntimeError(f"per-event topic not delivered: {errors[:3]}")
     return n, time.perf_counter() - t0
+
+
+# Benchmark engine names -> the worker's ``[rollups] engine`` and METERLINE_NATIVE:
+# "columnar" runs with the compiled column builder (native/) as shipped, "columnar-numpy"
+# without it (the numpy builder), "per-event" is the reference fold.
+ENGINES = {"columnar": ("columnar", "1"), "columnar-numpy": ("columnar", "0"),
+           "per-event": ("per-event", "1")}
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    rollup_engine, native = ENGINES[engine]
+    return {"METERLINE_ROLLUP_ENGINE": rollup_engine, "METERLINE_NATIVE": native}

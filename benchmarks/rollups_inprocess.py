@@ -4,10 +4,17 @@ records without Kafka, optionally with a wall-time split per phase."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
-from rollups_common import CHECKPOINT_INTERVAL_S, FLUSH_INTERVAL_S, PARTITIONS, _records
+from rollups_common import (
+    CHECKPOINT_INTERVAL_S,
+    ENGINES,
+    FLUSH_INTERVAL_S,
+    PARTITIONS,
+    _records,
+)
 
 
 class _JsonWriter:
@@ -41,8 +48,14 @@ _PHASES = (  # (module, class or None, attribute, label): timed per call, not pe
     # The columnar engine: a run's decode + fold, and of it the vectorised part.
     ("meterline.aggregators.columnar.processor", "ColumnarPartitionProcessor",
      "process_many", "columnar process_many (decode + fold)"),
+    ("meterline.aggregators.columnar.native", "NativeColumns", "decode",
+     "  of which native decode (compiled)"),
     ("meterline.aggregators.columnar.processor", "ColumnarPartitionProcessor", "_fold_run",
      "  of which _fold_run (columns, ordered loop, merge)"),
+    ("meterline.aggregators.columnar.native", "NativeColumns", "columns",
+     "    of which native columns (compiled)"),
+    ("meterline.aggregators.columnar.processor", None, "merge_accepted",
+     "    of which merge_accepted (group-by + merge)"),
     ("meterline.aggregators.processor", "PartitionProcessor", "_collect", "collect"),
     ("meterline.aggregators.processor", "PartitionProcessor", "take_flush",
      "take_flush (snapshot, records, evict)"),
@@ -106,9 +119,11 @@ def run_inprocess(events: int, writer_kind: str,
                                 now + i // 10))
         offsets[rec.partition] += 1
     writer = _JsonWriter() if writer_kind == "json" else _NoopWriter()
+    rollup_engine, native = ENGINES[engine]
+    os.environ["METERLINE_NATIVE"] = native  # read as the worker builds its processors
     worker = RollupWorker(MeterRegistry.load(DEFAULT_METERS), writer, MemoryCheckpointStore(),
                           group="inprocess", flush_interval_s=FLUSH_INTERVAL_S,
-                          checkpoint_interval_s=checkpoint_interval_s, engine=engine)
+                          checkpoint_interval_s=checkpoint_interval_s, engine=rollup_engine)
     worker.assign([TopicPartition("usage", p) for p in range(PARTITIONS)])
     totals: dict[str, list[float]] = {}
     with _timed_phases(totals) if phases else contextlib.nullcontext():

@@ -29,6 +29,7 @@ from rollups_common import (
     _open_storage,
     _produce,
     _tail,
+    engine_env,
     log,
 )
 
@@ -273,8 +274,7 @@ def _throughput(storage: Any, broker: Any, workdir: Path, workload: Workload, ve
     lag = LagProbe(broker.bootstrap, topic, group)
     worker = Worker(broker.bootstrap, topic, group, workdir, {
         "METERLINE_CHECKPOINT_INTERVAL_S": str(checkpoint_interval_s),
-        "METERLINE_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S),
-        "METERLINE_ROLLUP_ENGINE": engine})
+        "METERLINE_FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S), **engine_env(engine)})
     lag0_at = loaded_at = None
     total_outputs = None
     try:
