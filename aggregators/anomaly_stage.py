@@ -41,7 +41,7 @@ from meterline.core.anomaly.errors import AnomalyError
 from meterline.core.anomaly.feed import FeedSettings, RollupFeed
 from meterline.core.anomaly.model import EVENT_KINDS, EpisodeEvent
 from meterline.core.anomaly.settings import AnomalySettings
-from meterline.core.outputs import RollupRecord
+from meterline.core.outputs import RollupRecord, rollups_from_columns
 from meterline.ingest.sources import SourceRecord
 from meterline.logs import where
 
@@ -100,7 +100,10 @@ def decode_rollup_rows(payload: bytes) -> list[RollupRecord]:
     """A rollups-topic record -> its rows. Raises ValueError on anything else."""
     try:
         doc = orjson.loads(payload)
-        return [RollupRecord.from_dict(d) for d in doc.get("rollups", ())]
+        rows = [RollupRecord.from_dict(d) for d in doc.get("rollups", ())]
+        if "rollup_columns" in doc:  # the worker's block form (core/outputs.py)
+            rows += rollups_from_columns(doc["rollup_columns"])
+        return rows
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
         raise ValueError(f"not a rollups record: {exc}") from None
 

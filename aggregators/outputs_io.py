@@ -4,7 +4,9 @@ Several worker processes cannot share an embedded chDB (one process owns its dat
 a ClickHouse outage should not stall aggregation, so in the distributed setup workers write
 their flushes to three topics and ``OutputLoader`` (``meterline load-rollups``) inserts them:
 
-- ``<usage topic>.rollups``: window totals, in chunks of up to ``CHUNK`` records;
+- ``<usage topic>.rollups``: window totals, in blocks of up to ``CHUNK`` rows of one
+  source partition, column-wise (``{"rollup_columns": ...}``, core/outputs.py); the loader
+  and the anomaly stage also read the row form (``{"rollups": [...]}``) of older workers;
 - ``<usage topic>.dead-letters`` and ``<usage topic>.late-events``: one record each, keyed
   by customer (or source position), readable by any consumer.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -38,14 +40,16 @@ from meterline.core.outputs import (
     LateRecord,
     RollupRecord,
     record_dead_letter,
+    rollup_columns,
+    rollups_from_columns,
 )
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.logs import where
 from meterline.sinks.retention import RetentionPolicy
 
-__all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_topics",
-           "run_kafka_output_loader"]
+__all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_records",
+           "output_topics", "run_kafka_output_loader"]
 
 log = logging.getLogger(__name__)
 CHUNK = 2000
@@ -87,6 +91,26 @@ class StorageWriter:
             self._flush_seconds.observe(time.perf_counter() - started)
 
 
+def output_records(flush: Flush) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(topic kind, key, document)`` of every output record of ``flush``.
+
+    Rollup rows go in column blocks of up to ``CHUNK`` rows of one source partition, keyed
+    by it, so they stay in one partition of the topic, in order (the anomaly stage reads
+    them per source partition); dead letters and late events one per record."""
+    runs: dict[tuple[str, int], list[RollupRecord]] = {}
+    for r in flush.rollups:
+        runs.setdefault((r.source, r.partition), []).append(r)
+    for (source, partition), rows in runs.items():
+        for i in range(0, len(rows), CHUNK):
+            yield "rollups", f"{source}/{partition}", {
+                "rollup_columns": rollup_columns(rows[i:i + CHUNK])}
+    for d in flush.dead_letters:
+        yield "dead_letters", f"{d.source}/{d.partition}/{d.offset}", {
+            "dead_letters": [d.to_dict()]}
+    for late in flush.late:
+        yield "late", late.customer, {"late": [late.to_dict()]}
+
+
 class KafkaOutputWriter:
     """Produces flushes to the output topics; ``write`` returns once all are acked."""
 
@@ -124,21 +148,8 @@ class KafkaOutputWriter:
 
     def write(self, flush: Flush) -> None:
         started = time.perf_counter()
-        rollups = self.topics["rollups"]
-        # One source partition per chunk, so its rows stay in one partition of the topic
-        # (keyed by it), in order: the anomaly stage reads them per source partition.
-        runs: dict[tuple[str, int], list[RollupRecord]] = {}
-        for r in flush.rollups:
-            runs.setdefault((r.source, r.partition), []).append(r)
-        for (source, partition), rows in runs.items():
-            for i in range(0, len(rows), CHUNK):
-                self._send(rollups, f"{source}/{partition}",
-                           {"rollups": [r.to_dict() for r in rows[i:i + CHUNK]]})
-        for d in flush.dead_letters:
-            self._send(self.topics["dead_letters"], f"{d.source}/{d.partition}/{d.offset}",
-                       {"dead_letters": [d.to_dict()]})
-        for late in flush.late:
-            self._send(self.topics["late"], late.customer, {"late": [late.to_dict()]})
+        for kind, key, doc in output_records(flush):
+            self._send(self.topics[kind], key, doc)
         remaining = self._producer.flush(self._timeout_s)
         if remaining or self._errors:
             errors, self._errors = self._errors, []
@@ -184,7 +195,14 @@ def decode_outputs(records: Sequence[SourceRecord]
                 rec.topic, rec.partition, rec.offset, _received_ms(rec),
                 f"output.undecodable: {exc}"[:_MAX_REASON], rec.payload))
             continue
-        position = 0
+        if "rollup_columns" in doc:  # one block of rows (KafkaOutputWriter)
+            try:
+                flush.rollups += rollups_from_columns(doc["rollup_columns"])
+            except (TypeError, ValueError) as exc:
+                undecodable.append(record_dead_letter(
+                    rec.topic, rec.partition, rec.offset, _received_ms(rec),
+                    f"output.undecodable: {exc}"[:_MAX_REASON], rec.payload))
+        position = 0  # the row form: one object per item (older workers)
         for key, cls, target in _KINDS:
             items = doc.get(key, [])
             if type(items) is not list:

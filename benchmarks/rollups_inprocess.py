@@ -26,15 +26,10 @@ class _JsonWriter:
     def write(self, flush: Any) -> None:
         import orjson
 
-        from meterline.aggregators.outputs_io import CHUNK
+        from meterline.aggregators.outputs_io import output_records
 
-        for i in range(0, len(flush.rollups), CHUNK):
-            chunk = flush.rollups[i:i + CHUNK]
-            self.bytes += len(orjson.dumps({"rollups": [r.to_dict() for r in chunk]}))
-        for d in flush.dead_letters:
-            self.bytes += len(orjson.dumps({"dead_letters": [d.to_dict()]}))
-        for late in flush.late:
-            self.bytes += len(orjson.dumps({"late": [late.to_dict()]}))
+        for _, _, doc in output_records(flush):
+            self.bytes += len(orjson.dumps(doc))
 
 
 class _NoopWriter:
@@ -63,7 +58,7 @@ _PHASES = (  # (module, class or None, attribute, label): timed per call, not pe
     ("meterline.aggregators.processor", "PartitionProcessor", "checkpoint", "checkpoint"),
     ("meterline.core.rollup", "RollupState", "export_all", "  of which export_all"),
     ("zlib", None, "compress", "  of which zlib.compress"),
-    ("rollups_inprocess", "_JsonWriter", "write", "output JSON (to_dict + orjson)"),
+    ("rollups_inprocess", "_JsonWriter", "write", "output JSON (column blocks + orjson)"),
 )
 
 

@@ -271,8 +271,17 @@ def _encode_column(name: str, values: Sequence[Any], ch_type: str) -> tuple[list
         if not isinstance(first, Mapping):
             raise SinkError(f"column {name} ({ch_type}) needs dict values, got {_kind(first)}")
         value_type = family[4:]
+        # Rows often share one dict (RollupColumns gives every row of a group the same
+        # one): each distinct object is serialised once. ``values`` holds them all, so
+        # their ids cannot be reused while this runs.
+        texts: dict[int, str] = {}
         try:
-            encoded = [orjson.dumps(v).decode() for v in values]
+            encoded = []
+            for v in values:
+                text = texts.get(id(v))
+                if text is None:
+                    text = texts[id(v)] = orjson.dumps(v).decode()
+                encoded.append(text)
         except TypeError as exc:
             raise SinkError(f"column {name} ({ch_type}) needs dict values: {exc}") from exc
         return encoded, (

@@ -6,7 +6,7 @@ it into ClickHouse TTL clauses and ``migrate`` applies changes in place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 from meterline.core.events import METER_NAME_RE
@@ -85,8 +85,20 @@ class RetentionPolicy:
     def expires_at_ms(self, key: str, age_ms: int, meter: str | None = None) -> int:
         """When ClickHouse's TTL deletes a row whose age column is ``age_ms``: the Python
         twin of ``TtlRule`` (whole seconds, saturating at DateTime's last second)."""
-        days = self.days_for(key, meter)
-        return min(age_ms // 1000 + days * 86_400, DATETIME_MAX_S) * 1000
+        return _expires_at_ms(age_ms, self.days_for(key, meter))
+
+    def expiry(self, key: str) -> Callable[[int, str | None], int]:
+        """``expires_at_ms`` for one ``key``, the days looked up once per meter: for a
+        loader checking every row of a flush (``days_for`` validates ``key`` each call)."""
+        days: dict[str | None, int] = {}
+
+        def expires_at_ms(age_ms: int, meter: str | None = None) -> int:
+            d = days.get(meter)
+            if d is None:
+                d = days[meter] = self.days_for(key, meter)
+            return _expires_at_ms(age_ms, d)
+
+        return expires_at_ms
 
     def overrides(self, key: str) -> list[tuple[str, int]]:
         """``(meter, days)`` overriding ``key``, sorted by meter so the TTL text is stable."""
@@ -131,3 +143,7 @@ class RetentionPolicy:
                     errors.append(f"{name}: unknown field (per meter: "
                                   f"{', '.join(PER_METER_FIELDS)})")
         return errors
+
+
+def _expires_at_ms(age_ms: int, days: int) -> int:
+    return min(age_ms // 1000 + days * 86_400, DATETIME_MAX_S) * 1000

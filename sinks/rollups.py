@@ -116,11 +116,20 @@ class RollupColumns(Columns):
 
     @classmethod
     def from_records(cls, records: Sequence[RollupRecord], updated_at_ms: int) -> RollupColumns:
+        # A flush repeats few distinct groups: their key text and dict are made once each
+        # (the dicts are shared between rows and never written to).
+        groups = [r.group for r in records]
+        try:
+            distinct = {g: (group_key(g), dict(g)) for g in set(groups)}
+        except TypeError:  # an unhashable group (not from a decoder): one by one
+            distinct = {}
+        made = ([distinct[g] for g in groups] if distinct or not groups
+                else [(group_key(g), dict(g)) for g in groups])
         return cls(
             customer=[r.customer for r in records],
             meter=[r.meter for r in records],
-            group_key=[group_key(r.group) for r in records],
-            dimensions=[dict(r.group) for r in records],
+            group_key=[k for k, _ in made],
+            dimensions=[d for _, d in made],
             window_start_ms=[r.window_start_ms for r in records],
             window_end_ms=[r.window_end_ms for r in records],
             aggregation=[r.aggregation for r in records],
@@ -131,6 +140,11 @@ class RollupColumns(Columns):
             source_partition=[r.partition for r in records],
             updated_at_ms=[updated_at_ms] * len(records),
         )
+
+    def take(self, rows: Sequence[int]) -> RollupColumns:
+        """These rows only, in this order."""
+        return RollupColumns(**{f.name: [getattr(self, f.name)[i] for i in rows]
+                                for f in fields(self)})
 
     def bad_rows(self) -> dict[int, str]:
         """``{row: problem}`` for rows the table cannot hold (a total beyond Decimal(38, 9),
@@ -315,18 +329,21 @@ def write_flush(
                                           f"is not one of {', '.join(_TABLES)}", now_ms))
     rollups: dict[str, RollupColumns] = {}
     for name, records in by_window.items():
-        bad = RollupColumns.from_records(records, now_ms).bad_rows()
+        # Columns once; the rows refused below are left out by index.
+        columns = RollupColumns.from_records(records, now_ms)
+        bad = columns.bad_rows()
+        expires_at_ms = retention.expiry(_RETENTION_FIELD[name])
         keep = []
-        for i, r in enumerate(records):
+        for i, (start_ms, meter) in enumerate(zip(columns.window_start_ms, columns.meter,
+                                                  strict=True)):
             if i in bad:
-                refused.append(_refuse_rollup(r, "out_of_range", bad[i], now_ms))
-            elif retention.expires_at_ms(_RETENTION_FIELD[name], r.window_start_ms,
-                                         r.meter) <= horizon_ms:
-                refused.append(_refuse_rollup(r, "outside_retention",
+                refused.append(_refuse_rollup(records[i], "out_of_range", bad[i], now_ms))
+            elif expires_at_ms(start_ms, meter) <= horizon_ms:
+                refused.append(_refuse_rollup(records[i], "outside_retention",
                                               f"{_RETENTION_FIELD[name]} passed", now_ms))
             else:
-                keep.append(r)
-        rollups[name] = RollupColumns.from_records(keep, now_ms)
+                keep.append(i)
+        rollups[name] = columns if len(keep) == len(records) else columns.take(keep)
 
     late_bad = LateEventColumns.from_records(flush.late).bad_rows()
     late_keep = []

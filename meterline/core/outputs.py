@@ -22,7 +22,9 @@ Dead letters of both stages are built here (:func:`event_dead_letter`,
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from meterline.core.quantity import format_nanos
@@ -111,6 +113,72 @@ class RollupRecord:
         d["group"] = _group(d.get("group"))
         d["value_nanos"] = _int(d.get("value_nanos"), "value_nanos")
         return cls(**d)
+
+
+# The rollups topic's columnar block: rows of one (source, partition) as one object of
+# columns. ~2.5x fewer bytes than one object per row (no repeated field names), and both
+# ends skip a dict per row: the worker writes lists, the loader maps them straight onto
+# RollupRecord. Readers still take the row form ({"rollups": [...]}) of older workers.
+ROLLUP_COLUMNS = ("window", "customer", "meter", "group", "window_start_ms",
+                  "window_end_ms", "aggregation", "value_nanos", "events", "version")
+_STR_COLUMNS = ("window", "customer", "meter", "aggregation")
+_INT_COLUMNS = ("window_start_ms", "window_end_ms", "events", "version")
+
+
+def rollup_columns(rows: Sequence[RollupRecord]) -> dict[str, Any]:
+    """The block of ``rows`` (all of one source partition), JSON-ready: totals beyond
+    int64 (orjson's limit) travel as decimal strings, as in ``RollupRecord.to_dict``."""
+    first = rows[0]
+    if any(r.source != first.source or r.partition != first.partition for r in rows):
+        raise ValueError("a rollup_columns block holds rows of one source partition")
+    totals = [r.value_nanos for r in rows]
+    values: list[int | str] | list[int] = totals
+    if min(totals) < -(2**63) or max(totals) >= 2**63:
+        values = [v if -(2**63) <= v < 2**63 else str(v) for v in totals]
+    block: dict[str, Any] = {"source": first.source, "partition": first.partition}
+    for name in ROLLUP_COLUMNS:
+        block[name] = values if name == "value_nanos" else [getattr(r, name) for r in rows]
+    return block
+
+
+def rollups_from_columns(block: Any) -> list[RollupRecord]:
+    """The rows of a ``rollup_columns`` block. Raises TypeError / ValueError naming what
+    is wrong: the block is read whole or not at all (its record becomes a dead letter)."""
+    if type(block) is not dict:
+        raise TypeError(f"rollup_columns must be an object, got {type(block).__name__}")
+    source, partition = block.get("source"), block.get("partition")
+    if type(source) is not str or type(partition) is not int:
+        raise TypeError("rollup_columns needs source (str) and partition (int)")
+    columns: dict[str, Any] = {name: block.get(name) for name in ROLLUP_COLUMNS}
+    for name, column in columns.items():
+        if type(column) is not list:
+            raise TypeError(f"rollup_columns.{name} must be a list")
+    n = len(columns["window"])
+    if any(len(c) != n for c in columns.values()):
+        raise ValueError("rollup_columns: columns of different lengths")
+    for name in _STR_COLUMNS:
+        if not set(map(type, columns[name])) <= {str}:
+            raise TypeError(f"rollup_columns.{name} must hold strings")
+    for name in _INT_COLUMNS:  # bool is not int here: type(), not isinstance()
+        if not set(map(type, columns[name])) <= {int}:
+            raise TypeError(f"rollup_columns.{name} must hold ints")
+    values = columns["value_nanos"]
+    if not set(map(type, values)) <= {int}:
+        values = [_int(v, "value_nanos") for v in values]
+    # Few distinct groups: each is checked and made a tuple once.
+    made: dict[str, tuple[tuple[str, str], ...]] = {}
+    groups = []
+    for g in columns["group"]:
+        text = repr(g)
+        group = made.get(text)
+        if group is None:
+            group = made[text] = _group(g)
+        groups.append(group)
+    return list(map(RollupRecord, columns["window"], columns["customer"],
+                    columns["meter"], groups, columns["window_start_ms"],
+                    columns["window_end_ms"], columns["aggregation"], values,
+                    columns["events"], columns["version"], repeat(source, n),
+                    repeat(partition, n)))
 
 
 @dataclass(frozen=True, slots=True)

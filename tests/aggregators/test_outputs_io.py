@@ -122,3 +122,66 @@ def test_an_unreadable_record_is_logged_with_where_it_sits(
     [line] = [r for r in caplog.records if r.name == "meterline.aggregators.outputs_io"]
     assert (line.topic, line.partition, line.offset) == (  # type: ignore[attr-defined]
         records[1].topic, records[1].partition, 1)
+
+
+def _rows(start: int, n: int = 5) -> list[RollupRecord]:
+    day = start - start % (24 * HOUR_MS)
+    return [RollupRecord("hourly", f"c{i % 3}", "llm_tokens",
+                         (("model", "s" if i % 2 else "l"),) if i % 3 else (),
+                         start, start + HOUR_MS, "sum", (i + 1) * 10**9, i + 1, i + 2,
+                         "usage", 3) if i % 2 else
+            RollupRecord("daily", f"c{i % 3}", "llm_tokens", (), day, day + 24 * HOUR_MS,
+                         "sum", (i + 1) * 10**9, i + 1, i + 2, "usage", 3)
+            for i in range(n)]
+
+
+def test_rollup_columns_blocks_round_trip_exactly() -> None:
+    """What KafkaOutputWriter sends, decode_outputs (the loader) and the anomaly stage
+    read back row for row, totals past int64 included."""
+    from meterline.aggregators.anomaly_stage import decode_rollup_rows
+    from meterline.core.outputs import rollup_columns
+
+    rows = _rows(_now_hour())
+    rows.append(RollupRecord("daily", "big", "credits", (), 0, HOUR_MS, "sum", -(10**37), 1,
+                             1, "usage", 3))
+    payload = orjson.dumps({"rollup_columns": rollup_columns(rows)})
+    assert len(payload) < len(orjson.dumps({"rollups": [r.to_dict() for r in rows]}))
+    flush, undecodable = decode_outputs([_record(0, payload)])
+    assert undecodable == [] and flush.rollups == rows
+    assert decode_rollup_rows(payload) == rows
+    with pytest.raises(ValueError, match="one source partition"):
+        rollup_columns([rows[0], RollupRecord(*[*vars_of(rows[0])[:-1], 9])])
+
+
+def vars_of(r: RollupRecord) -> list[Any]:
+    return [getattr(r, name) for name in r.__slots__]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b.update(customer=b["customer"][:-1]), "different lengths"),
+    (lambda b: b.update(events=[True] * len(b["events"])), "events must hold ints"),
+    (lambda b: b.update(customer=[1] * len(b["customer"])), "customer must hold strings"),
+    (lambda b: b.update(value_nanos=[1.5] * len(b["value_nanos"])), "value_nanos"),
+    (lambda b: b.update(group=[[["model"]]] * len(b["group"])), "group must be"),
+    (lambda b: b.pop("version"), "version must be a list"),
+    (lambda b: b.update(partition="3"), "source (str) and partition (int)"),
+])
+def test_a_damaged_block_is_one_dead_letter_with_its_bytes_and_the_rest_lands(
+        migrated_storage: Any, damage: Any, reason: str) -> None:
+    from meterline.core.outputs import rollup_columns
+
+    start = _now_hour()
+    block = rollup_columns(_rows(start))
+    damage(block)
+    bad = orjson.dumps({"rollup_columns": block})
+    good = orjson.dumps({"rollup_columns": rollup_columns(_rows(start)[:1])})
+    source = ListSource([_record(0, bad), _record(1, good)])
+    loader = OutputLoader(migrated_storage, source)
+    assert loader.run_once() == 2 and len(source.committed) == 2
+    db = migrated_storage.database
+    assert RollupTotalsQuery("day", database=db).run(migrated_storage) == {
+        ("c0", "llm_tokens", start - start % (24 * HOUR_MS)): 10**9}
+    [(offset, position, why, payload)] = migrated_storage.query_rows(
+        f"SELECT source_offset, position, reason, payload FROM {db}.dead_letters FINAL")
+    assert (offset, position) == (0, -1) and why.startswith("output.undecodable")
+    assert reason in why and payload.encode() == bad  # text: the bytes are UTF-8 JSON
