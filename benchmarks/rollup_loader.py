@@ -20,6 +20,7 @@ one's fastest run (the machine is shared). Prints one JSON line and a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -90,29 +91,31 @@ def run(storage: Any, form: str, n: int, version: int) -> dict[str, Any]:
             "loader_rows_per_s": round(n / (t3 - t1))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from meterline.sinks.schema import migrate
-    from meterline.sinks.storage import StorageConfig, open_storage
-
+def main(argv: list[str] | None = None, storage: Any = None) -> int:
+    """``storage``: a migrated Storage to write into (tests: chDB hosts one data directory
+    per process); by default a new embedded chDB in a temporary directory."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        storage = open_storage(StorageConfig(data_dir=tmp))
-        try:
+    with contextlib.ExitStack() as stack:
+        if storage is None:
+            from meterline.sinks.schema import migrate
+            from meterline.sinks.storage import StorageConfig, open_storage
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            storage = open_storage(StorageConfig(data_dir=tmp))
+            stack.callback(storage.close)
             migrate(storage)
-            best: dict[str, dict[str, Any]] = {}
-            version = 0
-            for _ in range(args.repeat):
-                for form in ("rows", "columns"):
-                    version += 1
-                    result = run(storage, form, args.rows, version)
-                    if (form not in best or result["loader_rows_per_s"]
-                            > best[form]["loader_rows_per_s"]):
-                        best[form] = result
-        finally:
-            storage.close()
+        best: dict[str, dict[str, Any]] = {}
+        version = 0
+        for _ in range(args.repeat):
+            for form in ("rows", "columns"):
+                version += 1
+                result = run(storage, form, args.rows, version)
+                if (form not in best or result["loader_rows_per_s"]
+                        > best[form]["loader_rows_per_s"]):
+                    best[form] = result
     summary = {**best, "loader_ratio": round(best["columns"]["loader_rows_per_s"]
                                              / best["rows"]["loader_rows_per_s"], 2)}
     print(json.dumps(summary))

@@ -128,6 +128,30 @@ def _usage_source(granularity: str, database: str,
     return source, "u.", columns
 
 
+def _usage_sql(what: str, granularity: Granularity, database: str,
+               registry: ValueProperties | None, start_ms: int, end_ms: int, *,
+               all_meters: bool) -> str:
+    """The usage-view read of one customer: one meter (``{meter}`` bound), or every meter
+    with the meter as the first column (``CustomerUsageQuery``)."""
+    errors = range_errors(start_ms, end_ms)
+    errors += _common_errors(database, granularity)
+    errors += _property_errors(registry)
+    require(errors, what)
+    source, u, col = _usage_source(granularity, database, registry)
+    meter = f"{u}meter, " if all_meters else ""
+    return (
+        f"SELECT {meter}{u}window_start_ms, {u}dimensions, {col['value_exact']},"
+        f" {col['events']},\n"
+        f"    {col['late_events']}, {col['late_pending']}\n"
+        f"FROM {source}"
+        f"WHERE {u}customer = {{customer:String}}\n"
+        + ("" if all_meters else f"  AND {u}meter = {{meter:String}}\n")
+        + f"  AND {u}window_start_ms >= {{start_ms:Int64}}\n"
+        f"  AND {u}window_start_ms < {{end_ms:Int64}}\n"
+        f"ORDER BY {meter}{u}window_start_ms, {u}group_key"
+    )
+
+
 @dataclass(frozen=True)
 class RollupUsageRow:
     """One window of a usage view. ``value_nanos`` and ``events`` include the late events
@@ -163,22 +187,8 @@ class RollupUsageQuery:
     registry: ValueProperties | None = None
 
     def to_sql(self) -> tuple[str, dict[str, Any]]:
-        errors = range_errors(self.start_ms, self.end_ms)
-        errors += _common_errors(self.database, self.granularity)
-        errors += _property_errors(self.registry)
-        require(errors, "rollup usage query")
-        source, u, col = _usage_source(self.granularity, self.database, self.registry)
-        sql = (
-            f"SELECT {u}window_start_ms, {u}dimensions, {col['value_exact']},"
-            f" {col['events']}, {col['late_events']},\n"
-            f"    {col['late_pending']}\n"
-            f"FROM {source}"
-            f"WHERE {u}customer = {{customer:String}}\n"
-            f"  AND {u}meter = {{meter:String}}\n"
-            f"  AND {u}window_start_ms >= {{start_ms:Int64}}\n"
-            f"  AND {u}window_start_ms < {{end_ms:Int64}}\n"
-            f"ORDER BY {u}window_start_ms, {u}group_key"
-        )
+        sql = _usage_sql("rollup usage query", self.granularity, self.database, self.registry,
+                         self.start_ms, self.end_ms, all_meters=False)
         params = {"customer": self.customer, "meter": self.meter, "start_ms": self.start_ms,
                   "end_ms": self.end_ms}
         return sql, params
@@ -217,21 +227,8 @@ class CustomerUsageQuery:
     registry: ValueProperties | None = None
 
     def to_sql(self) -> tuple[str, dict[str, Any]]:
-        errors = range_errors(self.start_ms, self.end_ms)
-        errors += _common_errors(self.database, self.granularity)
-        errors += _property_errors(self.registry)
-        require(errors, "customer usage query")
-        source, u, col = _usage_source(self.granularity, self.database, self.registry)
-        sql = (
-            f"SELECT {u}meter, {u}window_start_ms, {u}dimensions, {col['value_exact']},"
-            f" {col['events']},\n"
-            f"    {col['late_events']}, {col['late_pending']}\n"
-            f"FROM {source}"
-            f"WHERE {u}customer = {{customer:String}}\n"
-            f"  AND {u}window_start_ms >= {{start_ms:Int64}}\n"
-            f"  AND {u}window_start_ms < {{end_ms:Int64}}\n"
-            f"ORDER BY {u}meter, {u}window_start_ms, {u}group_key"
-        )
+        sql = _usage_sql("customer usage query", self.granularity, self.database,
+                         self.registry, self.start_ms, self.end_ms, all_meters=True)
         params = {"customer": self.customer, "start_ms": self.start_ms,
                   "end_ms": self.end_ms}
         return sql, params

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,14 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import rollup_loader  # noqa: E402
 
 
-def test_rollup_loader_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    assert rollup_loader.main(["--rows", "600", "--repeat", "1"]) == 0
+def test_rollup_loader_benchmark_runs(capsys: pytest.CaptureFixture[str],
+                                      migrated_storage: Any) -> None:
+    assert rollup_loader.main(["--rows", "600", "--repeat", "1"], migrated_storage) == 0
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert line["rows"]["rows"] == line["columns"]["rows"] == 600
     assert line["columns"]["bytes_per_row"] < line["rows"]["bytes_per_row"]
 
 
-def test_rollup_loader_benchmark_refuses_a_lossy_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rollup_loader_benchmark_refuses_a_lossy_decode(monkeypatch: pytest.MonkeyPatch,
+                                                        migrated_storage: Any) -> None:
     original = rollup_loader.decode_outputs
 
     def lose_one(records):  # type: ignore[no-untyped-def]
@@ -31,4 +34,4 @@ def test_rollup_loader_benchmark_refuses_a_lossy_decode(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(rollup_loader, "decode_outputs", lose_one)
     with pytest.raises(SystemExit, match="differ"):
-        rollup_loader.main(["--rows", "300", "--repeat", "1"])
+        rollup_loader.main(["--rows", "300", "--repeat", "1"], migrated_storage)

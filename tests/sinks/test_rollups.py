@@ -194,8 +194,8 @@ def test_rollup_usage_query_sql_is_exact() -> None:
     sql, params = RollupUsageQuery("acme", "api_calls", 1_000, 2_000, "day",
                                    database="billing").to_sql()
     assert sql == (
-        "SELECT window_start_ms, dimensions, value_exact, events, late_events,\n"
-        "    late_pending\n"
+        "SELECT window_start_ms, dimensions, value_exact, events,\n"
+        "    late_events, late_pending\n"
         "FROM billing.daily_usage\n"
         "WHERE customer = {customer:String}\n"
         "  AND meter = {meter:String}\n"
