@@ -38,10 +38,10 @@ from meterline.core.outputs import (
     DeadLetterRecord,
     Flush,
     LateRecord,
+    RollupBlock,
     RollupRecord,
     record_dead_letter,
     rollup_columns,
-    rollups_from_columns,
 )
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
@@ -94,13 +94,15 @@ class StorageWriter:
 def output_records(flush: Flush) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """``(topic kind, key, document)`` of every output record of ``flush``.
 
-    Rollup rows go in column blocks of up to ``CHUNK`` rows of one source partition, keyed
+    Rollup rows go in column blocks of up to ``CHUNK`` rows of one source partition and
+    window kind, keyed
     by it, so they stay in one partition of the topic, in order (the anomaly stage reads
     them per source partition); dead letters and late events one per record."""
-    runs: dict[tuple[str, int], list[RollupRecord]] = {}
+    # One window kind per block too: the loader then inserts a block's lists as they are.
+    runs: dict[tuple[str, int, str], list[RollupRecord]] = {}
     for r in flush.rollups:
-        runs.setdefault((r.source, r.partition), []).append(r)
-    for (source, partition), rows in runs.items():
+        runs.setdefault((r.source, r.partition, r.window), []).append(r)
+    for (source, partition, _), rows in runs.items():
         for i in range(0, len(rows), CHUNK):
             yield "rollups", f"{source}/{partition}", {
                 "rollup_columns": rollup_columns(rows[i:i + CHUNK])}
@@ -197,7 +199,7 @@ def decode_outputs(records: Sequence[SourceRecord]
             continue
         if "rollup_columns" in doc:  # one block of rows (KafkaOutputWriter)
             try:
-                flush.rollups += rollups_from_columns(doc["rollup_columns"])
+                flush.rollup_blocks.append(RollupBlock.from_doc(doc["rollup_columns"]))
             except (TypeError, ValueError) as exc:
                 undecodable.append(record_dead_letter(
                     rec.topic, rec.partition, rec.offset, _received_ms(rec),

@@ -77,9 +77,11 @@ def run(storage: Any, form: str, n: int, version: int) -> dict[str, Any]:
     t1 = time.perf_counter()
     records = [SourceRecord("usage.rollups", 0, k, p, now) for k, p in enumerate(payloads)]
     decoded, undecodable = decode_outputs(records)
-    t2 = time.perf_counter()
-    if undecodable or decoded.rollups != flush.rollups:
+    t2 = time.perf_counter()  # the check below is not timed
+    got = decoded.rollups + [r for b in decoded.rollup_blocks for r in b.records()]
+    if undecodable or sorted(got, key=repr) != sorted(flush.rollups, key=repr):
         raise SystemExit(f"{form}: the decoded rows differ from the rows sent")
+    t2b = time.perf_counter()
     counts = write_flush(storage, decoded)
     t3 = time.perf_counter()
     if counts.hourly + counts.daily != n or counts.refused:
@@ -87,8 +89,8 @@ def run(storage: Any, form: str, n: int, version: int) -> dict[str, Any]:
     return {"form": form, "rows": n, "bytes_per_row": round(sum(map(len, payloads)) / n, 1),
             "encode_us_per_row": round((t1 - t0) / n * 1e6, 2),
             "decode_us_per_row": round((t2 - t1) / n * 1e6, 2),
-            "write_us_per_row": round((t3 - t2) / n * 1e6, 2),
-            "loader_rows_per_s": round(n / (t3 - t1))}
+            "write_us_per_row": round((t3 - t2b) / n * 1e6, 2),
+            "loader_rows_per_s": round(n / (t2 - t1 + t3 - t2b))}
 
 
 def main(argv: list[str] | None = None, storage: Any = None) -> int:

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from meterline.core.events import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS
-from meterline.core.outputs import DeadLetterRecord, Flush, LateRecord, RollupRecord, group_key
+from meterline.core.outputs import (
+    DeadLetterRecord,
+    Flush,
+    LateRecord,
+    RollupBlock,
+    RollupRecord,
+    group_key,
+)
 from meterline.core.quantity import INT64_MAX, INT64_MIN, MAX_NANOS, format_nanos
 from meterline.sinks.columns import (
     INT32_MAX,
@@ -96,6 +103,17 @@ def _wall_clock_ms() -> int:
 # --------------------------------------------------------------------------- columns
 
 
+def _group_columns(groups: list[Any]) -> tuple[list[str], list[dict[str, str]]]:
+    """group_key and dimensions of each row. A flush repeats few distinct groups: their
+    key text and dict are made once each (the dicts are shared between rows and never
+    written to)."""
+    try:
+        distinct = {g: (group_key(g), dict(g)) for g in set(groups)}
+    except TypeError:  # an unhashable group (not from a decoder): one by one
+        return [group_key(g) for g in groups], [dict(g) for g in groups]
+    return [distinct[g][0] for g in groups], [distinct[g][1] for g in groups]
+
+
 @dataclass(frozen=True)
 class RollupColumns(Columns):
     """Window totals for one rollup table, one list per column."""
@@ -115,21 +133,42 @@ class RollupColumns(Columns):
     updated_at_ms: Sequence[int]
 
     @classmethod
+    def from_block(cls, block: RollupBlock, rows: Sequence[int] | None,
+                   updated_at_ms: int) -> RollupColumns:
+        """A column block's rows (``rows``: these only; None: all of it, its lists taken
+        as they are)."""
+        def column(name: str) -> list[Any]:
+            values: list[Any] = getattr(block, name)
+            return values if rows is None else [values[i] for i in rows]
+
+        n = len(block) if rows is None else len(rows)
+        keys, dims = _group_columns(column("group"))
+        return cls(customer=column("customer"), meter=column("meter"), group_key=keys,
+                   dimensions=dims, window_start_ms=column("window_start_ms"),
+                   window_end_ms=column("window_end_ms"), aggregation=column("aggregation"),
+                   value_nano=column("value_nanos"), events=column("events"),
+                   version=column("version"), source=[block.source] * n,
+                   source_partition=[block.partition] * n, updated_at_ms=[updated_at_ms] * n)
+
+    @classmethod
+    def concat(cls, parts: Sequence[RollupColumns]) -> RollupColumns:
+        """The rows of ``parts`` in order (one non-empty part: that part itself)."""
+        full = [p for p in parts if len(p)]
+        if len(full) == 1:
+            return full[0]
+        if not full:
+            return parts[0] if parts else cls.from_records([], 0)
+        return cls(**{f.name: [v for p in full for v in getattr(p, f.name)]
+                      for f in fields(cls)})
+
+    @classmethod
     def from_records(cls, records: Sequence[RollupRecord], updated_at_ms: int) -> RollupColumns:
-        # A flush repeats few distinct groups: their key text and dict are made once each
-        # (the dicts are shared between rows and never written to).
-        groups = [r.group for r in records]
-        try:
-            distinct = {g: (group_key(g), dict(g)) for g in set(groups)}
-        except TypeError:  # an unhashable group (not from a decoder): one by one
-            distinct = {}
-        made = ([distinct[g] for g in groups] if distinct or not groups
-                else [(group_key(g), dict(g)) for g in groups])
+        keys, dims = _group_columns([r.group for r in records])
         return cls(
             customer=[r.customer for r in records],
             meter=[r.meter for r in records],
-            group_key=[k for k, _ in made],
-            dimensions=[d for _, d in made],
+            group_key=keys,
+            dimensions=dims,
             window_start_ms=[r.window_start_ms for r in records],
             window_end_ms=[r.window_end_ms for r in records],
             aggregation=[r.aggregation for r in records],
@@ -327,23 +366,63 @@ def write_flush(
         else:
             refused.append(_refuse_rollup(record, "bad_window", f"window {record.window!r} "
                                           f"is not one of {', '.join(_TABLES)}", now_ms))
+    # Column blocks (the output loader's): a block of one window kind goes in whole.
+    block_rows: dict[str, list[tuple[RollupBlock, list[int] | None]]] = {
+        name: [] for name in _TABLES}
+    for block in flush.rollup_blocks:
+        kinds = set(block.window)
+        if len(kinds) == 1 and next(iter(kinds)) in block_rows:
+            block_rows[next(iter(kinds))].append((block, None))
+            continue
+        rows_of: dict[str, list[int]] = {name: [] for name in _TABLES}
+        for i, window in enumerate(block.window):
+            if window in rows_of:
+                rows_of[window].append(i)
+            else:
+                refused.append(_refuse_rollup(block.row(i), "bad_window", f"window {window!r} "
+                                              f"is not one of {', '.join(_TABLES)}", now_ms))
+        for name, rows in rows_of.items():
+            if rows:
+                block_rows[name].append((block, rows))
     rollups: dict[str, RollupColumns] = {}
     for name, records in by_window.items():
         # Columns once; the rows refused below are left out by index.
-        columns = RollupColumns.from_records(records, now_ms)
+        parts = [RollupColumns.from_records(records, now_ms)]
+        parts += [RollupColumns.from_block(b, rows, now_ms) for b, rows in block_rows[name]]
+        columns = RollupColumns.concat(parts)
+
+        def record_at(i: int, records: list[RollupRecord] = records,
+                      blocks: list[tuple[RollupBlock, list[int] | None]] = block_rows[name],
+                      ) -> RollupRecord:
+            """Row ``i`` of ``columns`` as a record (for a refusal only)."""
+            if i < len(records):
+                return records[i]
+            i -= len(records)
+            for block, rows in blocks:
+                n = len(block) if rows is None else len(rows)
+                if i < n:
+                    return block.row(i if rows is None else rows[i])
+                i -= n
+            raise IndexError(i)
+
         bad = columns.bad_rows()
         expires_at_ms = retention.expiry(_RETENTION_FIELD[name])
+        if not bad and columns.window_start_ms and min(
+                expires_at_ms(min(columns.window_start_ms), m)
+                for m in set(columns.meter)) > horizon_ms:
+            rollups[name] = columns  # the oldest window of every meter is in retention
+            continue
         keep = []
         for i, (start_ms, meter) in enumerate(zip(columns.window_start_ms, columns.meter,
                                                   strict=True)):
             if i in bad:
-                refused.append(_refuse_rollup(records[i], "out_of_range", bad[i], now_ms))
+                refused.append(_refuse_rollup(record_at(i), "out_of_range", bad[i], now_ms))
             elif expires_at_ms(start_ms, meter) <= horizon_ms:
-                refused.append(_refuse_rollup(records[i], "outside_retention",
+                refused.append(_refuse_rollup(record_at(i), "outside_retention",
                                               f"{_RETENTION_FIELD[name]} passed", now_ms))
             else:
                 keep.append(i)
-        rollups[name] = columns if len(keep) == len(records) else columns.take(keep)
+        rollups[name] = columns if len(keep) == len(columns) else columns.take(keep)
 
     late_bad = LateEventColumns.from_records(flush.late).bad_rows()
     late_keep = []

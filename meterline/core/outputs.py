@@ -141,44 +141,80 @@ def rollup_columns(rows: Sequence[RollupRecord]) -> dict[str, Any]:
     return block
 
 
+@dataclass(frozen=True, slots=True)
+class RollupBlock:
+    """Rollup rows of one source partition as columns: how the loader holds a
+    ``rollup_columns`` block, so no object is made per row on the way into ClickHouse
+    (``sinks.rollups.write_flush`` inserts the lists as they are)."""
+
+    source: str
+    partition: int
+    window: list[str]
+    customer: list[str]
+    meter: list[str]
+    group: list[tuple[tuple[str, str], ...]]
+    window_start_ms: list[int]
+    window_end_ms: list[int]
+    aggregation: list[str]
+    value_nanos: list[int]
+    events: list[int]
+    version: list[int]
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def row(self, i: int) -> RollupRecord:
+        return RollupRecord(self.window[i], self.customer[i], self.meter[i], self.group[i],
+                            self.window_start_ms[i], self.window_end_ms[i],
+                            self.aggregation[i], self.value_nanos[i], self.events[i],
+                            self.version[i], self.source, self.partition)
+
+    def records(self) -> list[RollupRecord]:
+        n = len(self)
+        return list(map(RollupRecord, *(getattr(self, name) for name in ROLLUP_COLUMNS),
+                        repeat(self.source, n), repeat(self.partition, n)))
+
+    @classmethod
+    def from_doc(cls, block: Any) -> RollupBlock:
+        """A decoded ``rollup_columns`` object. Raises TypeError / ValueError naming what
+        is wrong: the block is read whole or not at all (its record becomes a dead
+        letter)."""
+        if type(block) is not dict:
+            raise TypeError(f"rollup_columns must be an object, got {type(block).__name__}")
+        source, partition = block.get("source"), block.get("partition")
+        if type(source) is not str or type(partition) is not int:
+            raise TypeError("rollup_columns needs source (str) and partition (int)")
+        columns: dict[str, Any] = {name: block.get(name) for name in ROLLUP_COLUMNS}
+        for name, column in columns.items():
+            if type(column) is not list:
+                raise TypeError(f"rollup_columns.{name} must be a list")
+        n = len(columns["window"])
+        if any(len(c) != n for c in columns.values()):
+            raise ValueError("rollup_columns: columns of different lengths")
+        for name in _STR_COLUMNS:
+            if not set(map(type, columns[name])) <= {str}:
+                raise TypeError(f"rollup_columns.{name} must hold strings")
+        for name in _INT_COLUMNS:  # bool is not int here: type(), not isinstance()
+            if not set(map(type, columns[name])) <= {int}:
+                raise TypeError(f"rollup_columns.{name} must hold ints")
+        if not set(map(type, columns["value_nanos"])) <= {int}:
+            columns["value_nanos"] = [_int(v, "value_nanos") for v in columns["value_nanos"]]
+        # Few distinct groups: each is checked and made a tuple once.
+        made: dict[str, tuple[tuple[str, str], ...]] = {}
+        groups = []
+        for g in columns["group"]:
+            text = repr(g)
+            group = made.get(text)
+            if group is None:
+                group = made[text] = _group(g)
+            groups.append(group)
+        columns["group"] = groups
+        return cls(source, partition, **columns)
+
+
 def rollups_from_columns(block: Any) -> list[RollupRecord]:
-    """The rows of a ``rollup_columns`` block. Raises TypeError / ValueError naming what
-    is wrong: the block is read whole or not at all (its record becomes a dead letter)."""
-    if type(block) is not dict:
-        raise TypeError(f"rollup_columns must be an object, got {type(block).__name__}")
-    source, partition = block.get("source"), block.get("partition")
-    if type(source) is not str or type(partition) is not int:
-        raise TypeError("rollup_columns needs source (str) and partition (int)")
-    columns: dict[str, Any] = {name: block.get(name) for name in ROLLUP_COLUMNS}
-    for name, column in columns.items():
-        if type(column) is not list:
-            raise TypeError(f"rollup_columns.{name} must be a list")
-    n = len(columns["window"])
-    if any(len(c) != n for c in columns.values()):
-        raise ValueError("rollup_columns: columns of different lengths")
-    for name in _STR_COLUMNS:
-        if not set(map(type, columns[name])) <= {str}:
-            raise TypeError(f"rollup_columns.{name} must hold strings")
-    for name in _INT_COLUMNS:  # bool is not int here: type(), not isinstance()
-        if not set(map(type, columns[name])) <= {int}:
-            raise TypeError(f"rollup_columns.{name} must hold ints")
-    values = columns["value_nanos"]
-    if not set(map(type, values)) <= {int}:
-        values = [_int(v, "value_nanos") for v in values]
-    # Few distinct groups: each is checked and made a tuple once.
-    made: dict[str, tuple[tuple[str, str], ...]] = {}
-    groups = []
-    for g in columns["group"]:
-        text = repr(g)
-        group = made.get(text)
-        if group is None:
-            group = made[text] = _group(g)
-        groups.append(group)
-    return list(map(RollupRecord, columns["window"], columns["customer"],
-                    columns["meter"], groups, columns["window_start_ms"],
-                    columns["window_end_ms"], columns["aggregation"], values,
-                    columns["events"], columns["version"], repeat(source, n),
-                    repeat(partition, n)))
+    """The rows of a ``rollup_columns`` block (``RollupBlock.from_doc``'s errors)."""
+    return RollupBlock.from_doc(block).records()
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,14 +282,19 @@ class Flush:
     rollups: list[RollupRecord] = field(default_factory=list)
     dead_letters: list[DeadLetterRecord] = field(default_factory=list)
     late: list[LateRecord] = field(default_factory=list)
+    # Rows the output loader read as column blocks (only ``decode_outputs`` makes these;
+    # the rollup stage's own flushes carry ``rollups``).
+    rollup_blocks: list[RollupBlock] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.rollups) + len(self.dead_letters) + len(self.late)
+        return (len(self.rollups) + sum(map(len, self.rollup_blocks)) + len(self.dead_letters)
+                + len(self.late))
 
     def extend(self, other: Flush) -> None:
         self.rollups += other.rollups
         self.dead_letters += other.dead_letters
         self.late += other.late
+        self.rollup_blocks += other.rollup_blocks
 
 
 # --------------------------------------------------------------------------- dead letters

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from dataclasses import replace
 from decimal import Decimal
@@ -465,3 +466,64 @@ def test_rollup_record_round_trip_through_dicts_still_writes(
     assert again == record
     write_flush(migrated_storage, Flush(rollups=[record, replace(again, version=4)]))
     assert _usage(migrated_storage, h0)[0].value_nanos == 10**37
+
+
+def test_column_blocks_land_exactly_as_the_same_rows_as_records(chdb_engine: Any) -> None:
+    """The output loader hands write_flush column blocks (RollupBlock) instead of records:
+    the same rows, refusals included (a window kind the tables do not have, a total past
+    Decimal(38, 9), a window past its retention), land identically either way."""
+    import uuid
+
+    import orjson
+
+    from meterline.core.outputs import Flush, RollupBlock, RollupRecord, rollup_columns
+    from meterline.core.quantity import MAX_NANOS
+    from meterline.sinks.chdb_backend import ChdbStorage
+    from meterline.sinks.schema import migrate
+
+    now = time.time_ns() // 1_000_000
+    hour, day = now - now % HOUR_MS, now - now % DAY_MS
+
+    def row(window: str, customer: str, start: int, value: int, **kw: Any) -> RollupRecord:
+        size = HOUR_MS if window == "hourly" else DAY_MS
+        return RollupRecord(window, customer, kw.get("meter", "llm_tokens"),
+                            kw.get("group", (("model", "s"),)), start, start + size, "sum",
+                            value, 2, 3, "usage", 1)
+
+    rows = [row("hourly", "a", hour, 5), row("daily", "a", day, 5),
+            row("weekly", "b", hour, 1), row("hourly", "c", hour, MAX_NANOS + 1),
+            row("hourly", "d", hour - 500 * DAY_MS, 9), row("hourly", "e", hour, -3, group=())]
+    by_window = [rows[0], rows[3], rows[5]]  # one kind per block, as the worker sends
+
+    def wire(block_rows: list[RollupRecord]) -> Any:  # as the loader reads it off Kafka
+        return orjson.loads(orjson.dumps(rollup_columns(block_rows)))
+
+    shown = []
+    for form in ("records", "mixed block", "blocks by window"):
+        storage = ChdbStorage(chdb_engine.data_dir, f"test_{uuid.uuid4().hex[:12]}")
+        try:
+            migrate(storage)
+            if form == "records":
+                flush = Flush(rollups=list(rows))
+            elif form == "mixed block":
+                flush = Flush(rollup_blocks=[RollupBlock.from_doc(wire(rows))])
+            else:
+                flush = Flush(rollups=[r for r in rows if r not in by_window],
+                              rollup_blocks=[RollupBlock.from_doc(wire(by_window))])
+            counts = write_flush(storage, flush, database=storage.database)
+            db = storage.database
+            tables = [storage.query_rows(
+                f"SELECT customer, window_start_ms, toString(value), events, version, group_key, "
+                f"dimensions FROM {db}.{t} FINAL ORDER BY customer")
+                for t in ("hourly_rollups", "daily_rollups")]
+            dead = storage.query_rows(f"SELECT reason, payload FROM {db}.dead_letters FINAL "
+                                      "ORDER BY reason")
+            shown.append((counts.hourly, counts.daily, counts.refused, tables, dead))
+        finally:
+            storage.execute(f"DROP DATABASE IF EXISTS {storage.database} SYNC")
+            storage.close()
+    assert shown[0] == shown[1] == shown[2]
+    hourly_n, daily_n, refused, _, dead = shown[0]
+    assert (hourly_n, daily_n, refused) == (2, 1, 3)
+    assert [r.split(":")[0] for r, _ in dead] == ["load.bad_window", "load.out_of_range",
+                                                  "load.outside_retention"]
