@@ -407,9 +407,9 @@ def write_flush(
 
         bad = columns.bad_rows()
         expires_at_ms = retention.expiry(_RETENTION_FIELD[name])
-        if not bad and columns.window_start_ms and min(
-                expires_at_ms(min(columns.window_start_ms), m)
-                for m in set(columns.meter)) > horizon_ms:
+        oldest = min(columns.window_start_ms, default=None)
+        if not bad and oldest is not None and min(
+                expires_at_ms(oldest, m) for m in set(columns.meter)) > horizon_ms:
             rollups[name] = columns  # the oldest window of every meter is in retention
             continue
         keep = []

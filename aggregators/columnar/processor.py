@@ -131,20 +131,20 @@ class ColumnarPartitionProcessor(PartitionProcessor):
             expected += 1
             if self._native is not None:
                 native = self._native.decode(record.payload)
-                if native is None or not self._room(0, native.abs_sum):
-                    # Refused, unusual or near the range edge: the reference fold decides.
-                    self._fold_run(run, run_abs)
-                    run, run_abs, run_events = [], 0, 0
-                    if native is None:
-                        self.stats.slow_records += 1
-                    else:
-                        self.stats.slow_events += len(native)
-                    self.process(record)
-                    continue
-                if (not self._room(run_abs, native.abs_sum)
+                # One room check on the hot path; on a miss the run is folded first, so
+                # the record is then judged against the state alone, as below.
+                if (native is None or not self._room(run_abs, native.abs_sum)
                         or run_events + len(native) > MAX_RUN_EVENTS):
                     self._fold_run(run, run_abs)
                     run, run_abs, run_events = [], 0, 0
+                    if native is None or not self._room(0, native.abs_sum):
+                        # Refused, unusual or near the range edge: the reference fold.
+                        if native is None:
+                            self.stats.slow_records += 1
+                        else:
+                            self.stats.slow_events += len(native)
+                        self.process(record)
+                        continue
                 run_abs += native.abs_sum
                 run_events += len(native)
                 run.append(_Item(record, self._advance_clock(record, native.created_ms),

@@ -166,12 +166,6 @@ impl NativeBatch {
     fn abs_sum(&self) -> u128 {
         self.abs_sum
     }
-
-    /// Whether any event carries an explicit id.
-    #[getter]
-    fn has_ids(&self) -> bool {
-        self.ids.is_some()
-    }
 }
 
 struct Limits {
