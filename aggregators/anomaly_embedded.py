@@ -275,8 +275,9 @@ class FeedingWriter:
 
     def write(self, flush: Flush) -> None:
         self.inner.write(flush)
-        if flush.rollups:
-            self.anomalies.write(flush.rollups)
+        rows = flush.rollup_rows()
+        if rows:
+            self.anomalies.write(rows)
 
 
 class CheckpointingStore:

@@ -95,9 +95,9 @@ def output_records(flush: Flush) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """``(topic kind, key, document)`` of every output record of ``flush``.
 
     Rollup rows go in column blocks of up to ``CHUNK`` rows of one source partition and
-    window kind, keyed
-    by it, so they stay in one partition of the topic, in order (the anomaly stage reads
-    them per source partition); dead letters and late events one per record."""
+    window kind, keyed by it, so they stay in one partition of the topic, in order (the
+    anomaly stage reads them per source partition); dead letters and late events one per
+    record."""
     # One window kind per block too: the loader then inserts a block's lists as they are.
     runs: dict[tuple[str, int, str], list[RollupRecord]] = {}
     for r in flush.rollups:
@@ -106,6 +106,10 @@ def output_records(flush: Flush) -> Iterator[tuple[str, str, dict[str, Any]]]:
         for i in range(0, len(rows), CHUNK):
             yield "rollups", f"{source}/{partition}", {
                 "rollup_columns": rollup_columns(rows[i:i + CHUNK])}
+    for block in flush.rollup_blocks:  # the compiled window store's: already columns
+        for i in range(0, len(block), CHUNK):
+            yield "rollups", f"{block.source}/{block.partition}", {
+                "rollup_columns": block.columns(i, i + CHUNK)}
     for d in flush.dead_letters:
         yield "dead_letters", f"{d.source}/{d.partition}/{d.offset}", {
             "dead_letters": [d.to_dict()]}

@@ -45,6 +45,7 @@ import logging
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -124,6 +125,14 @@ class Counters:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.by_reason.items():
             self.by_reason[reason] = self.by_reason.get(reason, 0) + n
+
+
+def cells_json(cells: list[list[Any]]) -> bytes:
+    """Checkpoint cells (``RollupState.export_all``) as JSON text."""
+    try:
+        return orjson.dumps(cells)
+    except TypeError:  # a total beyond 64-bit ints: the stdlib encoder handles any int
+        return json.dumps(cells, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class PartitionProcessor:
@@ -261,8 +270,14 @@ class PartitionProcessor:
         """Everything changed since the last flush, then evict windows that can no longer
         change (their final totals are in this or an earlier flush)."""
         flush, self._pending = self._pending, Flush()
+        flush.rollups += self._take_rows()
+        self.state.evict_closed(self.watermark, keys=False)
+        return flush
+
+    def _take_rows(self) -> list[RollupRecord]:
+        """The changed windows' rows; clears the changed set."""
         source, partition = self.source, self.partition
-        flush.rollups += [
+        rows = [
             RollupRecord(window, customer, meter, group, start,
                          start + (HOUR_MS if window == "hourly" else DAY_MS),
                          aggregation, value, events, events, source, partition)
@@ -270,8 +285,7 @@ class PartitionProcessor:
             in self.state.totals(self._dirty)
         ]
         self._dirty = set()
-        self.state.evict_closed(self.watermark)
-        return flush
+        return rows
 
     def put_back(self, flush: Flush) -> None:
         """A flush that could not be written: keep it for the next one (its windows may
@@ -300,18 +314,19 @@ class PartitionProcessor:
             "batches": self.dedupers.batches.export(),  # type: ignore[attr-defined]
             "sequences": self.dedupers.sequences.export(),
             "ids_clock_ms": self.ids.now_ms,  # the ids themselves: take_id_delta()
-            "cells": self.state.export_all(),
+            "cells": orjson.Fragment(self._cells_json()),
         }
         legacy = self.dedupers.legacy_ids
         if legacy is not None:
             doc["legacy_until_ms"] = self.legacy_until_ms
             if self._legacy_inline:  # formats 1-2 had no deltas to keep them in
                 doc["legacy_ids"] = [[t, k] for t, k, _ in legacy.export()[1]]
-        try:
-            data = orjson.dumps(doc)
-        except TypeError:  # a total beyond 64-bit ints: the stdlib encoder handles any int
-            data = json.dumps(doc, separators=(",", ":")).encode()
-        return zlib.compress(data, 1)
+        return zlib.compress(orjson.dumps(doc), 1)
+
+    def _cells_json(self) -> bytes:
+        """The windows as checkpoint JSON text (the columnar engine writes its compiled
+        windows' text itself, without a Python object per window)."""
+        return cells_json(self.state.export_all())
 
     def take_id_delta(self) -> list[IdEntry]:
         """Explicit ids first seen since the last call: saved with the next checkpoint."""

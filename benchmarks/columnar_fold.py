@@ -196,7 +196,7 @@ def run(records: list[SourceRecord], fetch_records: int, engine: str,
             flush = proc.take_flush()
             fold_s += t1 - t0
             flush_s += time.perf_counter() - t1
-            rows += sorted(map(repr, flush.rollups))
+            rows += sorted(map(repr, flush.rollup_rows()))
             rows += map(repr, flush.dead_letters)
             rows += map(repr, flush.late)
     events = sum(proc.counters.accepted + proc.counters.duplicate + proc.counters.late

@@ -98,7 +98,7 @@ def measure(windows: int, engine: str) -> dict[str, Any]:
             "rss_growth_mb": round((rss1 - rss0) / 2**20, 1),
             "bytes_per_open_window": round((rss1 - rss0) / open_windows),
             "peak_rss_mb": round(rss1 / 2**20), "fold_s": round(fold_s, 2),
-            "take_flush_s": round(flush_s, 2), "flushed_rows": len(flush.rollups),
+            "take_flush_s": round(flush_s, 2), "flushed_rows": len(flush.rollup_rows()),
             "accepted": proc.counters.accepted, "loadavg": round(os.getloadavg()[0], 2)}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from meterline.aggregators.columnar.columns import Columns
+from meterline.aggregators.columnar.native_state import NativeRollupState
 from meterline.core.aggregations import Count, Latest, Max, Min, Sum, UniqueCount
 from meterline.core.rollup import Key, RollupState
 from meterline.core.windows import DAY_MS, HOUR_MS
@@ -30,6 +31,8 @@ __all__ = ["merge_accepted"]
 
 I64 = npt.NDArray[np.int64]
 _KINDS = {Sum: 0, Count: 1, Min: 2, Max: 3, Latest: 4, UniqueCount: 5}
+# What the compiled store holds (native_state.py).
+_NATIVE_KINDS = (Sum, Count, Min, Max, UniqueCount)
 
 
 def _dense(values: I64) -> tuple[I64, int]:
@@ -40,18 +43,63 @@ def _dense(values: I64) -> tuple[I64, int]:
 
 def merge_accepted(state: RollupState, cols: Columns, accepted: npt.NDArray[np.bool_],
                    dirty: set[Key]) -> int:
-    """Fold the accepted events of ``cols`` into ``state``; returns the windows touched."""
+    """Fold the accepted events of ``cols`` into ``state``; returns the windows the
+    Python state merged (those the compiled store merged are not counted)."""
     idx = np.flatnonzero(accepted)
     if idx.size == 0:
         return 0
-    ts = cols.timestamp[idx]
-    # (customer, meter, group) -> one dense code, in two steps so no product of code
-    # ranges can overflow int64 (each step's codes are < the number of events).
-    k, _ = _dense(cols.customer[idx] * len(cols.meters) + cols.meter[idx])
-    width = int(cols.group[idx].max()) + 1
-    k, nk = _dense(k * width + cols.group[idx])
+    if isinstance(state, NativeRollupState):
+        return _merge_native(state, cols, idx, dirty)
+    return _merge_python(state, cols, idx, idx, dirty)
+
+
+def _merge_native(state: NativeRollupState, cols: Columns, idx: I64, dirty: set[Key]) -> int:
+    """Events of the aggregations the compiled store holds into it, in log order; the rest
+    (latest, and windows the Python state holds) through ``_merge_python``."""
+    codes = [state.meter_code(name) if plan is not None
+             and type(plan.aggregator) in _NATIVE_KINDS else None
+             for name, plan in zip(cols.meters, cols.plans, strict=True)]
+    meter_code = np.array([-1 if c is None else c for c in codes], dtype=np.int64)
+    m = meter_code[cols.meter[idx]]
+    compiled = m >= 0
+    rest = idx[~compiled]
+    on = idx[compiled]
+    if on.size == 0:
+        return _merge_python(state, cols, rest, rest, dirty)
+    # Run codes -> the store's codes: customers by the store's table, each (meter, group)
+    # of the run once.
+    customers = np.frombuffer(state.store.customer_codes(cols.customers), dtype=np.int64)
+    offsets = np.cumsum([0] + [len(g) for g in cols.groups[:-1]]).astype(np.int64)
+    group_code = np.array([state.group_code(g) if code is not None else -1
+                           for code, meter_groups in zip(codes, cols.groups, strict=True)
+                           for g in meter_groups] or [-1], dtype=np.int64)
+    meter_of = cols.meter[on]
+    hourly, daily = state.merge_columns(
+        customers[cols.customer[on]], m[compiled], group_code[offsets[meter_of] + cols.group[on]],
+        cols.timestamp[on], cols.quantity[on], on, cols.unique_values)
+    if rest.size == 0 and hourly.size == 0 and daily.size == 0:
+        return 0
+    return _merge_python(state, cols, np.union1d(rest, on[hourly]),
+                         np.union1d(rest, on[daily]), dirty)
+
+
+def _merge_python(state: RollupState, cols: Columns, hourly_idx: I64, daily_idx: I64,
+                  dirty: set[Key]) -> int:
+    """Group accepted events (``hourly_idx`` / ``daily_idx``: those to fold into their
+    hourly / daily windows, in log order) and merge the partials into ``state``'s cells."""
     firsts, partials = [], []
-    for kind, (name, size_ms) in enumerate((("hourly", HOUR_MS), ("daily", DAY_MS))):
+    kinds = (("hourly", HOUR_MS, hourly_idx), ("daily", DAY_MS, daily_idx))
+    k = None
+    for kind, (name, size_ms, idx) in enumerate(kinds):
+        if idx.size == 0:
+            continue
+        if k is None or idx is not hourly_idx:
+            # (customer, meter, group) -> one dense code, in two steps so no product of
+            # code ranges can overflow int64 (each step's codes are < the events).
+            k, _ = _dense(cols.customer[idx] * len(cols.meters) + cols.meter[idx])
+            width = int(cols.group[idx].max()) + 1
+            k, _ = _dense(k * width + cols.group[idx])
+        ts = cols.timestamp[idx]
         start = ts - ts % size_ms
         lo = int(start.min())
         span = (int(start.max()) - lo) // size_ms + 1
@@ -59,6 +107,8 @@ def merge_accepted(state: RollupState, cols: Columns, accepted: npt.NDArray[np.b
         first, found = _groups(cols, idx, window_key, start, name)
         firsts.append(first * 2 + kind)
         partials += found
+    if not partials:
+        return 0
     # The per-event fold creates a window at its first accepted event, hourly first:
     # merge in that order, so the state's windows (and a checkpoint) come out the same.
     order = np.argsort(np.concatenate(firsts), kind="stable").tolist()

@@ -90,6 +90,11 @@ class NativeColumns:
               m.aggregation is Aggregation.UNIQUE_COUNT, m.allow_negative) for m in registry],
             MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS, MAX_FUTURE_SKEW_MS, _CODES)
 
+    def window_store(self) -> Any:
+        """An empty compiled window store (``native_state.NativeRollupState``)."""
+        assert _native is not None
+        return _native.WindowStore()
+
     def decode(self, payload: object) -> Any:
         """A ``NativeBatch`` (``batch_id``, ``created_ms``, ``producer``, ``seq``,
         ``abs_sum``, ``len()``), or None: ``decode_batch`` must decide this record."""

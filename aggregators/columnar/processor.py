@@ -44,6 +44,7 @@ from meterline.aggregators.columnar.columns import (
 from meterline.aggregators.columnar.fold import merge_accepted
 from meterline.aggregators.columnar.native import NativeColumns
 from meterline.aggregators.columnar.native import enabled as native_enabled
+from meterline.aggregators.columnar.native_state import NativeRollupState
 from meterline.aggregators.id_store import IdStore
 from meterline.aggregators.processor import PartitionProcessor, RollupSettings
 from meterline.core.dedupe import scoped_id
@@ -51,7 +52,7 @@ from meterline.core.envelope import Batch, decode_batch
 from meterline.core.errors import EnvelopeError
 from meterline.core.events import MAX_TIMESTAMP_MS
 from meterline.core.meters import MeterRegistry
-from meterline.core.outputs import record_dead_letter
+from meterline.core.outputs import Flush, record_dead_letter
 from meterline.core.quantity import MAX_NANOS
 from meterline.core.rollup import (
     MAX_FUTURE_SKEW_MS,
@@ -93,6 +94,7 @@ class _Item:
 
 class ColumnarPartitionProcessor(PartitionProcessor):
     _clock_ms: int  # the parent's processing clock, moved here as process() moves it
+    _pending: Flush
 
     def __init__(self, source: str, partition: int, registry: MeterRegistry,
                  settings: RollupSettings | None = None, *, next_offset: int = 0,
@@ -100,11 +102,44 @@ class ColumnarPartitionProcessor(PartitionProcessor):
         super().__init__(source, partition, registry, settings, next_offset=next_offset,
                          ids=ids)
         self._plans: dict[str, MeterPlan | None] = {}
-        # The compiled decoder + column builder (native.py), unless absent or turned off.
+        # The compiled decoder + column builder (native.py), unless absent or turned off,
+        # and with it the compiled window state (native_state.py).
         self._native = NativeColumns(registry) if native_enabled() else None
+        if self._native is not None:
+            self.state = NativeRollupState(self.settings.allowed_lateness_ms, registry,
+                                           self._native.window_store())
         # Upper bound of |total| over the sum windows; None: recompute from the state.
         self._bound: int | None = None
         self.stats = ColumnarStats()
+
+    @property
+    def pending(self) -> int:
+        state = self.state
+        extra = (state.pending_windows(self._dirty) if isinstance(state, NativeRollupState)
+                 else 0)
+        return len(self._dirty) + len(self._pending) + extra
+
+    def take_flush(self) -> Flush:
+        """The parent's flush, plus the compiled windows' changes as column blocks."""
+        state = self.state
+        if not isinstance(state, NativeRollupState):
+            return super().take_flush()
+        if state.lifted_dirty:  # changed while compiled, then taken over by Python
+            self._dirty |= state.lifted_dirty
+            state.lifted_dirty = set()
+        flush, self._pending = self._pending, Flush()
+        # One block per window kind, the Python-held windows' rows in it too: the writer
+        # and the loader then see columns only. Taken before eviction, as the parent's.
+        flush.rollup_blocks += state.take_blocks(self.source, self.partition,
+                                                 self._take_rows())
+        state.evict_closed(self.watermark, keys=False)
+        return flush
+
+    def _cells_json(self) -> bytes:
+        state = self.state
+        if isinstance(state, NativeRollupState):
+            return state.cells_json()
+        return super()._cells_json()
 
     def process(self, record: SourceRecord) -> bool:
         """One record through the per-event fold (the reference path)."""

@@ -169,6 +169,24 @@ class RollupBlock:
                             self.aggregation[i], self.value_nanos[i], self.events[i],
                             self.version[i], self.source, self.partition)
 
+    def columns(self, lo: int = 0, hi: int | None = None) -> dict[str, Any]:
+        """Rows ``lo:hi`` as a ``rollup_columns`` block, JSON-ready (``rollup_columns``'
+        rules: totals beyond int64 as decimal strings)."""
+        n = len(self)
+        hi = n if hi is None else min(hi, n)
+        whole = lo == 0 and hi == n
+
+        def cut(column: list[Any]) -> list[Any]:
+            return column if whole else column[lo:hi]
+
+        values: list[Any] = cut(self.value_nanos)
+        if values and (min(values) < -(2**63) or max(values) >= 2**63):
+            values = [v if -(2**63) <= v < 2**63 else str(v) for v in values]
+        block: dict[str, Any] = {"source": self.source, "partition": self.partition}
+        for name in ROLLUP_COLUMNS:
+            block[name] = values if name == "value_nanos" else cut(getattr(self, name))
+        return block
+
     def records(self) -> list[RollupRecord]:
         n = len(self)
         return list(map(RollupRecord, *(getattr(self, name) for name in ROLLUP_COLUMNS),
@@ -282,13 +300,19 @@ class Flush:
     rollups: list[RollupRecord] = field(default_factory=list)
     dead_letters: list[DeadLetterRecord] = field(default_factory=list)
     late: list[LateRecord] = field(default_factory=list)
-    # Rows the output loader read as column blocks (only ``decode_outputs`` makes these;
-    # the rollup stage's own flushes carry ``rollups``).
+    # Rows as column blocks: what the output loader reads (``decode_outputs``) and what
+    # the columnar engine's compiled window store flushes (``rollup_rows()`` has all).
     rollup_blocks: list[RollupBlock] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (len(self.rollups) + sum(map(len, self.rollup_blocks)) + len(self.dead_letters)
                 + len(self.late))
+
+    def rollup_rows(self) -> list[RollupRecord]:
+        """Every rollup row, those of the column blocks as records too."""
+        if not self.rollup_blocks:
+            return self.rollups
+        return [*self.rollups, *(r for block in self.rollup_blocks for r in block.records())]
 
     def extend(self, other: Flush) -> None:
         self.rollups += other.rollups

@@ -439,8 +439,11 @@ class RollupState:
         limit = watermark.watermark_ms - self.allowed_lateness_ms
         return limit if limit > self.closed_before_ms else self.closed_before_ms
 
-    def evict_closed(self, watermark: PartitionWatermark) -> list[WindowKey]:
+    def evict_closed(self, watermark: PartitionWatermark, *, keys: bool = True
+                     ) -> list[WindowKey]:
         """Drop windows that can no longer change; snapshot their last changes first.
+        Returns their keys (``keys=False``: an empty list, for callers that do not read
+        them, which saves a key per evicted window).
 
         Takes the partition's watermark object, not a number: evicting a window that is
         still open would restart its version at 1 and the stale row would win in storage.
@@ -449,7 +452,7 @@ class RollupState:
         closed = [key for key in self._cells if key[4] + _SIZES[key[0]] <= limit]
         for key in closed:
             del self._cells[key]
-        return [WindowKey._make(k) for k in closed]
+        return [WindowKey._make(k) for k in closed] if keys else []
 
     def merge_partials(self, partials: Iterable[tuple[Key, Aggregator[Any], Any, int]],
                        dirty: set[Key]) -> None:

@@ -90,17 +90,18 @@ class RollupTotals:
         some of its rows (dead letters): its customers' meters are then read from the
         views, since the mirror cannot tell which rows the table lacks."""
         since = self.since_ms
+        rollups = flush.rollup_rows()
         # Keys are built outside the lock, and rows go in by chunks: request handlers read
         # on the event loop, and a flush of thousands of windows must not hold them up.
         # Keys that go to the views are marked first, before any of their rows change.
-        marked = [((r.customer, r.meter), r.window_start_ms) for r in flush.rollups
+        marked = [((r.customer, r.meter), r.window_start_ms) for r in rollups
                   if not all_written and r.window_start_ms >= since]
         marked += [((late.customer, late.meter), late.window_start_ms) for late in flush.late
                    if late.window_start_ms >= since]
         rows = [] if not all_written else [
             (r.customer, r.meter, (group_key(r.group), r.window_start_ms, r.source,
                                    r.partition), r.version, r.value_nanos)
-            for r in flush.rollups if r.window == "daily" and r.window_start_ms >= since]
+            for r in rollups if r.window == "daily" and r.window_start_ms >= since]
         with self._lock:
             for pair, window_start_ms in marked:
                 self._late_at(pair, window_start_ms)

@@ -28,6 +28,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyList, PyString, PyTuple};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 
+mod windows;
+
 // ------------------------------------------------------------------ parsing
 
 /// A JSON string, borrowed from the payload when it holds no escapes.
@@ -622,5 +624,6 @@ fn meterline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Decoder>()?;
     m.add_class::<NativeBatch>()?;
     m.add_class::<Rules>()?;
+    m.add_class::<windows::WindowStore>()?;
     Ok(())
 }

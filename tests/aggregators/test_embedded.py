@@ -44,7 +44,7 @@ class ReplacingTable:
 
     def write(self, flush: Flush) -> None:
         self.writes += 1
-        for r in flush.rollups:
+        for r in flush.rollup_rows():
             key = (r.window, r.customer, r.meter, r.group, r.window_start_ms, r.partition)
             old = self.rows.get(key)
             if old is not None and old[0] == r.version:

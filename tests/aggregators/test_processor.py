@@ -39,7 +39,7 @@ class ReplacingTable:
         self.late: dict[tuple, int] = {}
 
     def write(self, flush: Flush) -> None:
-        for r in flush.rollups:
+        for r in flush.rollup_rows():
             key = (r.window, r.customer, r.meter, r.group, r.window_start_ms, r.source,
                    r.partition)
             old = self.rows.get(key)
@@ -184,7 +184,7 @@ def test_garbage_record_is_a_dead_letter_and_the_partition_moves_on() -> None:
     reasons = {(d.offset, d.position): d.reason for d in flush.dead_letters}
     assert reasons[(0, WHOLE_RECORD)].startswith("envelope.")
     assert reasons[(1, 1)] in ("event.unknown_meter", "event.missing_customer")
-    assert [r.value_nanos for r in flush.rollups] == [SCALE, SCALE]  # hourly + daily
+    assert [r.value_nanos for r in flush.rollup_rows()] == [SCALE, SCALE]  # hourly + daily
     assert proc.counters.rejected == 2 and proc.counters.accepted == 1
 
 
