@@ -5,8 +5,9 @@ ids reused within and across batches, every aggregation, invalid events of every
 events too late and too far ahead, quantities past int64 and sums past Decimal(38, 9),
 unreadable envelopes, log clocks that step back or are missing - and random fetch
 boundaries. Both processors see the same records and flush at the same points; every
-flush (rollup rows, dead letters, late events), the counters and the checkpoint bytes must
-be equal, also after both restore from their checkpoint mid-stream.
+flush (rollup rows, dead letters, late events), the pending counts, the counters and the
+checkpoints must be equal (bytes, or with the compiled window store the same cells in
+another order), also after both restore from their checkpoint mid-stream.
 
 ``METERLINE_HYPOTHESIS_EXAMPLES`` raises the number of examples (default keeps
 ``make test`` fast).
