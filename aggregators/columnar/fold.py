@@ -10,7 +10,9 @@ int64 - exact, because the run's sum of |quantity| is below 2**62 (``columns.py`
 
 Windows are created in the order the per-event fold creates them (by the first accepted
 event, the hourly before the daily one), so the state, and with it a checkpoint, is the
-same byte for byte.
+same byte for byte. With the compiled window state (``native_state.py``) the events of
+the aggregations it holds go there instead, in log order; only latest windows and those
+the Python state holds take the numpy group-by here.
 """
 
 from __future__ import annotations

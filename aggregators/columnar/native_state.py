@@ -3,13 +3,13 @@
 With the decoder compiled, the worker's time went to the window state as Python objects
 (docs/benchmarks.md: per window and fetch a key tuple, a dict lookup comparing tuples, a
 cell and a set insert; per flush a ``RollupRecord``). ``meterline_native.WindowStore``
-holds the sum, count, min and max windows keyed by integer codes with exact ``i128``
-states; the columnar fold merges a run's accepted events into it in log order, flushes
-take its changed windows as rollup column blocks and checkpoints take its cells as JSON
-text, with no Python object per window.
+holds the sum, count, min, max and unique_count windows keyed by integer codes, with
+exact ``i128`` states or a set of the distinct values; the columnar fold merges a run's
+accepted events into it in log order, flushes take its changed windows as rollup column
+blocks and checkpoints take its cells as JSON text, with no Python object per window.
 
-Everything else stays the reference ``RollupState``: latest and unique_count windows, and
-any window the per-event code touches. The seam is ``_cells``: a miss there *lifts* a
+Everything else stays the reference ``RollupState``: latest windows, and any window the
+per-event code touches. The seam is ``_cells``: a miss there *lifts* a
 compiled window into a Python cell (the per-event fold and ``merge_partials`` then fold
 into it as always), and a window created there is marked python-owned in the store, whose
 ``merge`` hands such windows' events back to Python. So a window is held in exactly one
@@ -22,7 +22,7 @@ restore does not depend on the order (tests compare checkpoints decoded, cells s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from meterline.core.aggregations import (
 from meterline.core.lateness import PartitionWatermark
 from meterline.core.meters import MeterRegistry
 from meterline.core.outputs import RollupBlock, RollupRecord
-from meterline.core.rollup import Key, MeterPlan, RollupRow, RollupState, WindowKey, _Cell
+from meterline.core.rollup import Key, MeterPlan, RollupState, WindowKey, _Cell
 from meterline.core.windows import DAY_MS, HOUR_MS
 
 __all__ = ["NativeRollupState"]
@@ -132,8 +132,9 @@ class NativeRollupState(RollupState):
         if codes is not None:
             self.store.lift(*codes)  # held nowhere else, so this only marks it
 
-    def _peek(self, key: Key) -> _Cell:
-        """A window's cell without moving it (KeyError if not held)."""
+    def _held(self, key: Key) -> _Cell:
+        """A window's cell without moving it (KeyError if not held): the readers of
+        ``RollupState`` (snapshot, totals, export, the daily audit) see both places."""
         cell = dict.get(self._cells, key)
         if cell is not None:
             return cell
@@ -196,26 +197,6 @@ class NativeRollupState(RollupState):
     def window_keys(self) -> list[WindowKey]:
         return [*super().window_keys(), *map(WindowKey._make, self.store.window_keys())]
 
-    def snapshot(self, keys: Iterable[Key]) -> list[RollupRow]:
-        return [_row(key, self._peek(key)) for key in sorted(keys)]
-
-    def totals(self, keys: Iterable[Key]) -> Iterator[tuple[Key, str, int, int]]:
-        for key in keys:
-            cell = self._peek(key)
-            agg = cell.aggregator
-            yield key, agg.name, agg.result(cell.state), cell.events
-
-    def daily_from_hours(self, daily_key: WindowKey) -> int:
-        cell = self._peek(daily_key)
-        agg, state = cell.aggregator, cell.aggregator.initialize()
-        for hour in range(daily_key.window_start_ms, daily_key.window_start_ms + DAY_MS, HOUR_MS):
-            try:
-                hourly = self._peek(daily_key._replace(window="hourly", window_start_ms=hour))
-            except KeyError:
-                continue
-            state = agg.merge(state, hourly.state)
-        return agg.result(state)
-
     def evict_closed(self, watermark: PartitionWatermark, *, keys: bool = True
                      ) -> list[WindowKey]:
         limit = self.closed_limit(watermark)
@@ -228,10 +209,6 @@ class NativeRollupState(RollupState):
 
     def max_abs_total(self) -> int:
         return max(super().max_abs_total(), int(self.store.max_abs_sum()))
-
-    def export(self, key: Key) -> tuple[str, Any, int]:
-        cell = self._peek(key)
-        return cell.aggregator.name, cell.aggregator.to_plain(cell.state), cell.events
 
     def export_all(self) -> list[list[Any]]:
         return [*super().export_all(), *orjson.loads(b"[" + self.store.export_json() + b"]")]
@@ -257,12 +234,3 @@ class NativeRollupState(RollupState):
         else:  # kept in Python (and marked python-owned in the store)
             super().restore(key, aggregation, plain, events)
 
-
-def _row(key: Key, cell: _Cell) -> RollupRow:
-    k = WindowKey._make(key)
-    return RollupRow(window=k.window, customer=k.customer, meter=k.meter, group=k.group,
-                     window_start_ms=k.window_start_ms,
-                     window_end_ms=k.window_start_ms + _SIZES[_KIND[k.window]],
-                     aggregation=cell.aggregator.name,
-                     value_nanos=cell.aggregator.result(cell.state),
-                     events=cell.events, version=cell.events)

@@ -397,12 +397,18 @@ class RollupState:
         if scoped is not None:  # not counted, so not remembered: a corrected resend counts
             events_seen.forget(scoped)
 
+    def _held(self, key: Key) -> _Cell:
+        """A window's cell, for reading (KeyError if not held). The one place the readers
+        below look windows up: a state that holds some windows elsewhere (the columnar
+        engine's compiled store) overrides this alone."""
+        return self._cells[key]
+
     def snapshot(self, keys: Iterable[Key]) -> list[RollupRow]:
         """Current totals of ``keys``, sorted by key. Raises KeyError for a key that is not
         held (e.g. evicted before its last change was written): losing it must be loud."""
         rows = []
         for plain_key in sorted(keys):
-            cell = self._cells[plain_key]
+            cell = self._held(plain_key)
             key = WindowKey._make(plain_key)
             rows.append(RollupRow(
                 window=key.window, customer=key.customer, meter=key.meter, group=key.group,
@@ -416,21 +422,23 @@ class RollupState:
     def totals(self, keys: Iterable[Key]) -> Iterator[tuple[Key, str, int, int]]:
         """``(key, aggregation, total nanos, events)`` of ``keys`` in no particular order:
         ``snapshot`` without the sort and the row objects, for the flush hot path."""
-        cells = self._cells
+        held = self._held
         for key in keys:
-            cell = cells[key]
+            cell = held(key)
             agg = cell.aggregator
             yield key, agg.name, agg.result(cell.state), cell.events
 
     def daily_from_hours(self, daily_key: WindowKey) -> int:
         """Result of merging the held hourly states of a daily window (an audit of the
         daily == merge(hourly) invariant; only exact while none of its hours was evicted)."""
-        cell = self._cells[daily_key]
+        cell = self._held(daily_key)
         agg, state = cell.aggregator, cell.aggregator.initialize()
         for hour in range(daily_key.window_start_ms, daily_key.window_start_ms + DAY_MS, HOUR_MS):
-            hourly = self._cells.get(daily_key._replace(window="hourly", window_start_ms=hour))
-            if hourly is not None:
-                state = agg.merge(state, hourly.state)
+            try:
+                hourly = self._held(daily_key._replace(window="hourly", window_start_ms=hour))
+            except KeyError:
+                continue
+            state = agg.merge(state, hourly.state)
         return agg.result(state)
 
     def closed_limit(self, watermark: PartitionWatermark) -> int:
@@ -480,7 +488,7 @@ class RollupState:
 
     def export(self, key: Key) -> tuple[str, Any, int]:
         """``(aggregation, plain state, events)`` of a window, for a changelog."""
-        cell = self._cells[key]
+        cell = self._held(key)
         return cell.aggregator.name, cell.aggregator.to_plain(cell.state), cell.events
 
     def export_all(self) -> list[list[Any]]:
