@@ -44,6 +44,7 @@ from meterline.core.anomaly.settings import AnomalySettings
 from meterline.core.outputs import RollupRecord, rollups_from_columns
 from meterline.ingest.sources import SourceRecord
 from meterline.logs import where
+from meterline.sinks.rollup_arrow import decode_block, is_arrow_payload
 
 __all__ = ["CHECKPOINT_FORMAT", "AnomalyCounters", "AnomalyPartition", "AnomalyWorker",
            "EventWriter", "MemoryEventWriter", "decode_rollup_rows"]
@@ -98,10 +99,12 @@ class AnomalyCounters:
 
 def decode_rollup_rows(payload: bytes) -> list[RollupRecord]:
     """A rollups-topic record -> its rows. Raises ValueError on anything else."""
+    if is_arrow_payload(payload):  # the worker's block form (sinks/rollup_arrow.py)
+        return decode_block(payload).records()
     try:
         doc = orjson.loads(payload)
         rows = [RollupRecord.from_dict(d) for d in doc.get("rollups", ())]
-        if "rollup_columns" in doc:  # the worker's block form (core/outputs.py)
+        if "rollup_columns" in doc:  # JSON blocks of sessions 20-21 (core/outputs.py)
             rows += rollups_from_columns(doc["rollup_columns"])
         return rows
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:

@@ -5,8 +5,10 @@ a ClickHouse outage should not stall aggregation, so in the distributed setup wo
 their flushes to three topics and ``OutputLoader`` (``meterline load-rollups``) inserts them:
 
 - ``<usage topic>.rollups``: window totals, in blocks of up to ``CHUNK`` rows of one
-  source partition, column-wise (``{"rollup_columns": ...}``, core/outputs.py); the loader
-  and the anomaly stage also read the row form (``{"rollups": [...]}``) of older workers;
+  source partition and window kind as Arrow IPC streams (sinks/rollup_arrow.py), which the
+  loader inserts without a Python object per row; the loader and the anomaly stage also
+  read the JSON forms of older workers (``{"rollup_columns": ...}`` and ``{"rollups":
+  [...]}``, core/outputs.py);
 - ``<usage topic>.dead-letters`` and ``<usage topic>.late-events``: one record each, keyed
   by customer (or source position), readable by any consumer.
 
@@ -41,12 +43,12 @@ from meterline.core.outputs import (
     RollupBlock,
     RollupRecord,
     record_dead_letter,
-    rollup_columns,
 )
 from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.logs import where
 from meterline.sinks.retention import RetentionPolicy
+from meterline.sinks.rollup_arrow import decode_block, encode_block, encode_rows, is_arrow_payload
 
 __all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_records",
            "output_topics", "run_kafka_output_loader"]
@@ -91,30 +93,41 @@ class StorageWriter:
             self._flush_seconds.observe(time.perf_counter() - started)
 
 
-def output_records(flush: Flush) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """``(topic kind, key, document)`` of every output record of ``flush``.
+def output_records(flush: Flush) -> Iterator[tuple[str, str, bytes]]:
+    """``(topic kind, key, payload)`` of every output record of ``flush``.
 
-    Rollup rows go in column blocks of up to ``CHUNK`` rows of one source partition and
-    window kind, keyed by it, so they stay in one partition of the topic, in order (the
-    anomaly stage reads them per source partition); dead letters and late events one per
-    record."""
-    # One window kind per block too: the loader then inserts a block's lists as they are.
+    Rollup rows go as Arrow IPC blocks (sinks/rollup_arrow.py) of up to ``CHUNK`` rows of
+    one source partition and window kind, keyed by the partition, so they stay in one
+    partition of the topic, in order (the anomaly stage reads them per source partition);
+    dead letters and late events as JSON, one per record."""
     runs: dict[tuple[str, int, str], list[RollupRecord]] = {}
     for r in flush.rollups:
         runs.setdefault((r.source, r.partition, r.window), []).append(r)
     for (source, partition, _), rows in runs.items():
         for i in range(0, len(rows), CHUNK):
-            yield "rollups", f"{source}/{partition}", {
-                "rollup_columns": rollup_columns(rows[i:i + CHUNK])}
+            yield "rollups", f"{source}/{partition}", encode_rows(rows[i:i + CHUNK])
     for block in flush.rollup_blocks:  # the compiled window store's: already columns
-        for i in range(0, len(block), CHUNK):
-            yield "rollups", f"{block.source}/{block.partition}", {
-                "rollup_columns": block.columns(i, i + CHUNK)}
+        for lo, hi in _kind_runs(block.window):
+            for i in range(lo, hi, CHUNK):
+                yield "rollups", f"{block.source}/{block.partition}", encode_block(
+                    block, i, min(i + CHUNK, hi))
     for d in flush.dead_letters:
-        yield "dead_letters", f"{d.source}/{d.partition}/{d.offset}", {
-            "dead_letters": [d.to_dict()]}
+        yield "dead_letters", f"{d.source}/{d.partition}/{d.offset}", orjson.dumps(
+            {"dead_letters": [d.to_dict()]})
     for late in flush.late:
-        yield "late", late.customer, {"late": [late.to_dict()]}
+        yield "late", late.customer, orjson.dumps({"late": [late.to_dict()]})
+
+
+def _kind_runs(windows: list[str]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` runs of one window kind (a block of the store holds one kind)."""
+    if len(set(windows)) <= 1:
+        return [(0, len(windows))]
+    runs, lo = [], 0
+    for i in range(1, len(windows)):
+        if windows[i] != windows[lo]:
+            runs.append((lo, i))
+            lo = i
+    return [*runs, (lo, len(windows))]
 
 
 class KafkaOutputWriter:
@@ -143,10 +156,10 @@ class KafkaOutputWriter:
         if err is not None:
             self._errors.append(str(err))
 
-    def _send(self, topic: str, key: str, doc: dict[str, Any]) -> None:
+    def _send(self, topic: str, key: str, payload: bytes) -> None:
         while True:
             try:
-                self._producer.produce(topic, orjson.dumps(doc), key.encode(),
+                self._producer.produce(topic, payload, key.encode(),
                                        on_delivery=self._report)
                 return
             except BufferError:  # local queue full: let deliveries drain
@@ -154,8 +167,8 @@ class KafkaOutputWriter:
 
     def write(self, flush: Flush) -> None:
         started = time.perf_counter()
-        for kind, key, doc in output_records(flush):
-            self._send(self.topics[kind], key, doc)
+        for kind, key, payload in output_records(flush):
+            self._send(self.topics[kind], key, payload)
         remaining = self._producer.flush(self._timeout_s)
         if remaining or self._errors:
             errors, self._errors = self._errors, []
@@ -192,6 +205,14 @@ def decode_outputs(records: Sequence[SourceRecord]
     """
     flush, undecodable = Flush(), []
     for rec in records:
+        if is_arrow_payload(rec.payload):  # a rollup block (KafkaOutputWriter)
+            try:
+                flush.arrow_blocks.append(decode_block(rec.payload))
+            except ValueError as exc:
+                undecodable.append(record_dead_letter(
+                    rec.topic, rec.partition, rec.offset, _received_ms(rec),
+                    f"output.undecodable: {exc}"[:_MAX_REASON], rec.payload))
+            continue
         try:
             doc = orjson.loads(rec.payload)
             if type(doc) is not dict:
@@ -201,7 +222,7 @@ def decode_outputs(records: Sequence[SourceRecord]
                 rec.topic, rec.partition, rec.offset, _received_ms(rec),
                 f"output.undecodable: {exc}"[:_MAX_REASON], rec.payload))
             continue
-        if "rollup_columns" in doc:  # one block of rows (KafkaOutputWriter)
+        if "rollup_columns" in doc:  # a block of rows as JSON (workers of sessions 20-21)
             try:
                 flush.rollup_blocks.append(RollupBlock.from_doc(doc["rollup_columns"]))
             except (TypeError, ValueError) as exc:

@@ -1,17 +1,18 @@
-"""The rollup output path, row form against column blocks, in one process and one run.
+"""The rollup output path in its three wire forms, in one process and one run.
 
     .venv/bin/python benchmarks/rollup_loader.py [--rows N] [--repeat K]
 
 What a flush costs from the worker's writer to rows in chDB, per row, without Kafka:
 
-- **encode**: the worker's output documents (``output_records``) serialised with orjson;
+- **encode**: the worker's output payloads (``output_records``; orjson for the JSON forms);
 - **decode**: the loader turning those records back into a flush (``decode_outputs``);
 - **write**: ``write_flush`` into a migrated embedded chDB (checks, retention, inserts).
 
-Two forms of the same rows (1,000 customers, 3 meters, grouped and ungrouped, hourly and
-daily windows of the current day, one source partition per block): the **row** form of
-older workers (``{"rollups": [{...}, ...]}``, one object per row) and the **column**
-blocks the worker writes now (``{"rollup_columns": {...}}``). The decoded flushes are
+Three forms of the same rows (1,000 customers, 3 meters, grouped and ungrouped, hourly
+and daily windows of the current day, one source partition per block): the **row** form
+of older workers (``{"rollups": [{...}, ...]}``, one object per row), the JSON **column**
+blocks of sessions 20-21 (``{"rollup_columns": {...}}``) and the **Arrow** IPC blocks the
+worker writes now (sinks/rollup_arrow.py). The decoded flushes are
 compared with the rows that went in, and each run inserts new versions, so a wrong or
 partial decode cannot report a number. ``--repeat`` alternates the forms and keeps each
 one's fastest run (the machine is shared). Prints one JSON line and a table.
@@ -38,6 +39,7 @@ from meterline.core.windows import DAY_MS, HOUR_MS  # noqa: E402
 from meterline.ingest.sources import SourceRecord  # noqa: E402
 
 METERS = ("api_calls", "llm_tokens", "storage_gb")
+FORMS = ("rows", "json-columns", "arrow")
 
 
 def rows_of(n: int, version: int, now_ms: int) -> list[RollupRecord]:
@@ -63,6 +65,19 @@ def _row_form(flush: Flush) -> list[bytes]:
             for i in range(0, len(flush.rollups), CHUNK)]
 
 
+def _json_columns_form(flush: Flush) -> list[bytes]:
+    """What workers of sessions 20-21 wrote: JSON column blocks of one source partition
+    and window kind (the loader still reads them)."""
+    from meterline.aggregators.outputs_io import CHUNK
+    from meterline.core.outputs import rollup_columns
+
+    runs: dict[tuple[str, int, str], list[RollupRecord]] = {}
+    for r in flush.rollups:
+        runs.setdefault((r.source, r.partition, r.window), []).append(r)
+    return [orjson.dumps({"rollup_columns": rollup_columns(rows[i:i + CHUNK])})
+            for rows in runs.values() for i in range(0, len(rows), CHUNK)]
+
+
 def run(storage: Any, form: str, n: int, version: int) -> dict[str, Any]:
     from meterline.sinks.rollups import write_flush
 
@@ -71,14 +86,16 @@ def run(storage: Any, form: str, n: int, version: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     if form == "rows":
         payloads = _row_form(flush)
-    else:
-        payloads = [orjson.dumps(doc) for kind, _, doc in output_records(flush)
+    elif form == "json-columns":
+        payloads = _json_columns_form(flush)
+    else:  # what the worker writes now
+        payloads = [payload for kind, _, payload in output_records(flush)
                     if kind == "rollups"]
     t1 = time.perf_counter()
     records = [SourceRecord("usage.rollups", 0, k, p, now) for k, p in enumerate(payloads)]
     decoded, undecodable = decode_outputs(records)
     t2 = time.perf_counter()  # the check below is not timed
-    got = decoded.rollups + [r for b in decoded.rollup_blocks for r in b.records()]
+    got = decoded.rollup_rows()
     if undecodable or sorted(got, key=repr) != sorted(flush.rollups, key=repr):
         raise SystemExit(f"{form}: the decoded rows differ from the rows sent")
     t2b = time.perf_counter()
@@ -112,20 +129,22 @@ def main(argv: list[str] | None = None, storage: Any = None) -> int:
         best: dict[str, dict[str, Any]] = {}
         version = 0
         for _ in range(args.repeat):
-            for form in ("rows", "columns"):
+            for form in FORMS:
                 version += 1
                 result = run(storage, form, args.rows, version)
                 if (form not in best or result["loader_rows_per_s"]
                         > best[form]["loader_rows_per_s"]):
                     best[form] = result
-    summary = {**best, "loader_ratio": round(best["columns"]["loader_rows_per_s"]
-                                             / best["rows"]["loader_rows_per_s"], 2)}
+    rate = {form: best[form]["loader_rows_per_s"] for form in FORMS}
+    summary = {**best, "loader_ratio": round(rate["arrow"] / rate["rows"], 2),
+               "loader_ratio_json_columns": round(rate["arrow"] / rate["json-columns"], 2)}
     print(json.dumps(summary))
-    print(f"{'':22}{'rows':>12}{'columns':>12}")
+    print(f"{'':22}" + "".join(f"{form:>14}" for form in FORMS))
     for key in ("bytes_per_row", "encode_us_per_row", "decode_us_per_row", "write_us_per_row",
                 "loader_rows_per_s"):
-        print(f"{key:22}{best['rows'][key]:>12,}{best['columns'][key]:>12,}")
-    print(f"loader (decode + write) columns / rows: {summary['loader_ratio']}x")
+        print(f"{key:22}" + "".join(f"{best[form][key]:>14,}" for form in FORMS))
+    print(f"loader (decode + write) arrow / rows: {summary['loader_ratio']}x, "
+          f"arrow / json-columns: {summary['loader_ratio_json_columns']}x")
     return 0
 
 

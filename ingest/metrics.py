@@ -125,6 +125,14 @@ class TimedStorage:
             CLICKHOUSE_INSERT_SECONDS.labels(table.rpartition(".")[2]).observe(
                 time.perf_counter() - started)
 
+    def insert_arrow(self, table: str, data: Any, column_types: Mapping[str, str],
+                     settings: Mapping[str, Any] | None = None) -> None:
+        started = time.perf_counter()
+        self._storage.insert_arrow(table, data, column_types, settings)
+        if data.num_rows:
+            CLICKHOUSE_INSERT_SECONDS.labels(table.rpartition(".")[2]).observe(
+                time.perf_counter() - started)
+
     def close(self) -> None:
         self._storage.close()
 

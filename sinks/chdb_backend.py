@@ -218,6 +218,49 @@ class ChdbStorage(StorageBase):
         _meterline_insert_rows = data  # noqa: F841 - read by chDB through the frame
         self._run(sql, "Null", None)
 
+    def insert_arrow(
+        self,
+        table: str,
+        data: Any,
+        column_types: Mapping[str, str],
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """chDB reads the Arrow table's buffers itself: no Python object per value."""
+        database, name = split_qualified(table)
+        selects = _arrow_selects(data, column_types)
+        if data.num_rows == 0:
+            return
+        sql = (
+            f"INSERT INTO {database}.{name} ({', '.join(data.column_names)}) "
+            f"SELECT {', '.join(selects)} FROM Python({_ROWS_VARIABLE})"
+            + _settings_clause(settings)
+        )
+        _meterline_insert_rows = data  # noqa: F841 - read by chDB through the frame
+        self._run(sql, "Null", None)
+
+
+def _arrow_selects(data: Any, column_types: Mapping[str, str]) -> list[str]:
+    """SELECT expressions for an Arrow insert (``Storage.insert_arrow``'s rules)."""
+    if sorted(data.column_names) != sorted(column_types):
+        raise SinkError(f"Arrow columns {sorted(data.column_names)} differ from "
+                        f"{sorted(column_types)}")
+    nullable = [f.name for f in data.schema if f.nullable]
+    if nullable:  # chDB would read them as Nullable(...) and refuse the casts below
+        raise SinkError(f"Arrow columns must be declared non-nullable: {nullable}")
+    selects = []
+    for column in data.column_names:
+        ch_type = column_types[column]
+        family = _type_family(ch_type)
+        if family.startswith("map:"):
+            selects.append(f"CAST(JSONExtractKeysAndValues({column}, '{family[4:]}'), "
+                           f"'{ch_type}')")
+        elif family == "other":
+            raise SinkError(f"column {column}: type {ch_type} is not supported by the "
+                            "chDB insert path")
+        else:
+            selects.append(column)
+    return selects
+
 
 def _escaped(params: Params) -> dict[str, Any]:
     """chDB parses a query parameter's text in ClickHouse's *escaped* format: a raw

@@ -51,6 +51,7 @@ from meterline.sinks.columns import (
 from meterline.sinks.exceptions import SinkConfigError
 from meterline.sinks.raw_events import DeadLetterColumns, insert_dead_letters
 from meterline.sinks.retention import RETENTION_MARGIN_MS, RetentionPolicy
+from meterline.sinks.rollup_arrow import ArrowRollupBlock, dimensions_json
 from meterline.sinks.rollup_queries import (
     LATE_REASONS,
     DeadLetterCountsQuery,
@@ -359,17 +360,28 @@ def write_flush(
     horizon_ms = now_ms + RETENTION_MARGIN_MS
     refused = list(refused)
 
+    # Arrow blocks (the output loader's) go in as they are when every row passes the
+    # checks below as a whole; a block with a row to refuse takes the row-by-row path.
+    arrow_ready: dict[str, list[Any]] = {name: [] for name in _TABLES}
+    blocks, loose = list(flush.rollup_blocks), list(flush.rollups)
+    for arrow in flush.arrow_blocks:
+        if not isinstance(arrow, ArrowRollupBlock):
+            loose += arrow.records()
+        elif (table := _arrow_insertable(arrow, now_ms, horizon_ms, retention)) is None:
+            blocks.append(arrow.to_block())
+        else:
+            arrow_ready[arrow.window].append(table)
     by_window: dict[str, list[RollupRecord]] = {name: [] for name in _TABLES}
-    for record in flush.rollups:
+    for record in loose:
         if record.window in by_window:
             by_window[record.window].append(record)
         else:
             refused.append(_refuse_rollup(record, "bad_window", f"window {record.window!r} "
                                           f"is not one of {', '.join(_TABLES)}", now_ms))
-    # Column blocks (the output loader's): a block of one window kind goes in whole.
+    # Column blocks: a block of one window kind goes in whole.
     block_rows: dict[str, list[tuple[RollupBlock, list[int] | None]]] = {
         name: [] for name in _TABLES}
-    for block in flush.rollup_blocks:
+    for block in blocks:
         kinds = set(block.window)
         if len(kinds) == 1 and next(iter(kinds)) in block_rows:
             block_rows[next(iter(kinds))].append((block, None))
@@ -440,6 +452,9 @@ def write_flush(
     for name, columns in rollups.items():
         _insert_partitioned(storage, _TABLES[name].qualified(database), columns.as_columns(),
                             _ROLLUP_TYPES, columns.window_start_ms, _PARTITION_OF[name])
+    arrow_rows = {name: _insert_arrow(storage, _TABLES[name].qualified(database), tables,
+                                      _PARTITION_OF[name])
+                  for name, tables in arrow_ready.items()}
     _insert_partitioned(storage, LATE_EVENTS.qualified(database), late.as_columns(),
                         _LATE_TYPES, late.window_start_ms, month_of_ms)
     dead = DeadLetterColumns.from_records(_storable_dead_letters(flush.dead_letters), stage)
@@ -454,9 +469,93 @@ def write_flush(
             by_reason[code] = by_reason.get(code, 0) + 1
         log.warning("rollup flush: %d row(s) refused into dead_letters (stage load): %s; "
                     "first: %s", len(refused), by_reason, refused[0].reason if refused else "")
-    return FlushCounts(hourly=len(rollups["hourly"]), daily=len(rollups["daily"]),
+    return FlushCounts(hourly=len(rollups["hourly"]) + arrow_rows["hourly"],
+                       daily=len(rollups["daily"]) + arrow_rows["daily"],
                        dead_letters=len(dead), late=len(late), refused=len(refused),
                        refused_by_reason=by_reason)
+
+
+def _arrow_insertable(arrow: ArrowRollupBlock, now_ms: int, horizon_ms: int,
+                      retention: RetentionPolicy) -> Any:
+    """``arrow``'s rows as the rollup table's columns when every row passes what
+    ``RollupColumns.bad_rows`` and the retention check ask of it (decided from the
+    columns' min/max and the block's meters), else None: the caller then refuses and
+    keeps rows one by one on the list path."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = arrow.table
+    if (arrow.window not in _TABLES or not INT32_MIN <= arrow.partition <= INT32_MAX
+            or table.schema.field("value_nano").type != pa.int64()):
+        return None  # totals past int64 are rare: the list path casts them
+    n = table.num_rows
+    if n == 0:
+        return table
+    # int64 totals are all within Decimal(38, 9); events and version are uint64.
+    for name in ("window_start_ms", "window_end_ms"):
+        low_high = pc.min_max(table.column(name))
+        if not (low_high["min"].as_py() >= _MIN_WINDOW_MS
+                and low_high["max"].as_py() <= MAX_TIMESTAMP_MS + 86_400_000):
+            return None
+    oldest = pc.min(table.column("window_start_ms")).as_py()
+    newest = pc.max(table.column("window_start_ms")).as_py()
+    if partition_groups([oldest, newest], _PARTITION_OF[arrow.window]) is not None:
+        return None  # more partitions than one INSERT may touch: the list path splits
+    expires_at_ms = retention.expiry(_RETENTION_FIELD[arrow.window])
+    meters = table.column("meter").combine_chunks().dictionary.to_pylist()
+    if min(expires_at_ms(oldest, m) for m in meters) <= horizon_ms:
+        return None
+    # Each distinct group once (ClickHouse's dictionary reader relies on it), as the
+    # canonical text of the decoded group: a name repeated in the sent JSON counts once.
+    codes = arrow.group_codes()
+    distinct: dict[tuple[tuple[str, str], ...], int] = {}
+    remap = [distinct.setdefault(g, len(distinct)) for g in arrow.groups]
+    if len(distinct) != len(remap):
+        codes = pc.take(pa.array(remap, pa.int32()), codes)
+    text = pa.dictionary(pa.int32(), pa.string())
+    group_keys = pa.DictionaryArray.from_arrays(
+        codes, pa.array([group_key(g) for g in distinct], pa.string()))
+    dimensions = pa.DictionaryArray.from_arrays(
+        codes, pa.array([dimensions_json(g) for g in distinct], pa.string()))
+    columns = {
+        "customer": table.column("customer"), "meter": table.column("meter"),
+        "group_key": group_keys, "dimensions": dimensions,
+        "window_start_ms": table.column("window_start_ms"),
+        "window_end_ms": table.column("window_end_ms"),
+        "aggregation": table.column("aggregation"), "value_nano": table.column("value_nano"),
+        "events": table.column("events"), "version": table.column("version"),
+        "source": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)),
+                                                 pa.array([arrow.source], pa.string())),
+        "source_partition": pa.array(np.full(n, arrow.partition, np.int32)),
+        "updated_at_ms": pa.array(np.full(n, now_ms, np.int64)),
+    }
+    schema = pa.schema([pa.field(name, text if name in ("group_key", "dimensions", "source")
+                                 else columns[name].type, nullable=False)
+                        for name in columns])
+    return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+
+def _insert_arrow(storage: Storage, table: str, tables: list[Any],
+                  key_of: Callable[[int], int]) -> int:
+    """Insert Arrow blocks of one rollup table: in one INSERT when their rows span few
+    enough partitions, else block by block (each was checked to). Returns the rows."""
+    if not tables:
+        return 0
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # One dictionary per column, each value once (chDB reads one per column).
+    whole = pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+    if whole.num_rows == 0:
+        return 0
+    low_high = pc.min_max(whole.column("window_start_ms"))
+    if partition_groups([low_high["min"].as_py(), low_high["max"].as_py()], key_of) is None:
+        storage.insert_arrow(table, whole, _ROLLUP_TYPES)
+    else:  # each block spans few enough partitions (_arrow_insertable)
+        for part in tables:
+            storage.insert_arrow(table, part, _ROLLUP_TYPES)
+    return int(whole.num_rows)
 
 
 def _insert_partitioned(storage: Storage, table: str, columns: Mapping[str, Sequence[Any]],

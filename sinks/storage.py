@@ -105,6 +105,19 @@ class Storage(Protocol):
         """
         ...
 
+    def insert_arrow(
+        self,
+        table: str,
+        data: Any,
+        column_types: Mapping[str, str],
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Insert a ``pyarrow.Table`` whose columns, declared non-nullable, are named as
+        ``column_types``' keys: ints, strings (plain or dictionary-encoded) and, for a Map
+        column, JSON object text. The fast path of the output loader (sinks/rollup_arrow.py).
+        """
+        ...
+
     def close(self) -> None:
         """Release the engine/connection. Idempotent."""
         ...

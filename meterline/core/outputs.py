@@ -25,7 +25,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meterline.core.quantity import format_nanos
 
@@ -293,6 +293,15 @@ class LateRecord:
         return cls(**d)
 
 
+class RecordBlock(Protocol):
+    """Rows held in another form than records (the loader's Arrow blocks,
+    sinks/rollup_arrow.py, which core cannot import)."""
+
+    def __len__(self) -> int: ...
+
+    def records(self) -> list[RollupRecord]: ...
+
+
 @dataclass(slots=True)
 class Flush:
     """Everything one flush of the rollup stage must make durable, in one bundle."""
@@ -303,22 +312,27 @@ class Flush:
     # Rows as column blocks: what the output loader reads (``decode_outputs``) and what
     # the columnar engine's compiled window store flushes (``rollup_rows()`` has all).
     rollup_blocks: list[RollupBlock] = field(default_factory=list)
+    # Blocks as the output loader decodes them from the rollups topic's Arrow records
+    # (sinks/rollup_arrow.py): columns that go into ClickHouse without Python rows.
+    arrow_blocks: list[RecordBlock] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return (len(self.rollups) + sum(map(len, self.rollup_blocks)) + len(self.dead_letters)
-                + len(self.late))
+        return (len(self.rollups) + sum(map(len, self.rollup_blocks))
+                + sum(map(len, self.arrow_blocks)) + len(self.dead_letters) + len(self.late))
 
     def rollup_rows(self) -> list[RollupRecord]:
         """Every rollup row, those of the column blocks as records too."""
-        if not self.rollup_blocks:
+        if not self.rollup_blocks and not self.arrow_blocks:
             return self.rollups
-        return [*self.rollups, *(r for block in self.rollup_blocks for r in block.records())]
+        return [*self.rollups, *(r for block in self.rollup_blocks for r in block.records()),
+                *(r for arrow in self.arrow_blocks for r in arrow.records())]
 
     def extend(self, other: Flush) -> None:
         self.rollups += other.rollups
         self.dead_letters += other.dead_letters
         self.late += other.late
         self.rollup_blocks += other.rollup_blocks
+        self.arrow_blocks += other.arrow_blocks
 
 
 # --------------------------------------------------------------------------- dead letters

@@ -90,6 +90,11 @@ class LockedStorage:
         with self._lock:
             self._storage.insert_columns(table, columns, column_types, settings)
 
+    def insert_arrow(self, table: str, data: Any, column_types: Mapping[str, str],
+                     settings: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            self._storage.insert_arrow(table, data, column_types, settings)
+
     def close(self) -> None:
         with self._lock:
             self._storage.close()

@@ -187,3 +187,36 @@ def test_a_damaged_block_is_one_dead_letter_with_its_bytes_and_the_rest_lands(
         f"SELECT source_offset, position, reason, payload FROM {db}.dead_letters FINAL")
     assert (offset, position) == (0, -1) and why.startswith("output.undecodable")
     assert reason in why and payload.encode() == bad  # text: the bytes are UTF-8 JSON
+
+
+def test_a_damaged_arrow_block_is_one_dead_letter_with_its_bytes_and_the_rest_lands(
+        migrated_storage: Any) -> None:
+    """The worker's Arrow block (sinks/rollup_arrow.py), cut short on the wire: one
+    output.undecodable dead letter holding the exact bytes; the good block lands through
+    the Arrow insert, and a replay changes nothing."""
+    from meterline.sinks.rollup_arrow import encode_rows
+
+    start = _now_hour()
+    rows = _rows(start)
+    hourly = [r for r in rows if r.window == "hourly"]
+    daily = [r for r in rows if r.window == "daily"]
+    good = [encode_rows(hourly), encode_rows(daily)]
+    bad = good[0][: len(good[0]) // 2]
+    records = [_record(0, bad), _record(1, good[0]), _record(2, good[1])]
+    for _ in range(2):
+        source = ListSource(records)
+        loader = OutputLoader(migrated_storage, source)
+        assert loader.run_once() == 3 and len(source.committed) == 3
+    db = migrated_storage.database
+    day = start - start % (24 * HOUR_MS)
+    expected: dict[Any, int] = {}
+    for r in daily:
+        expected[(r.customer, r.meter, day)] = expected.get((r.customer, r.meter, day), 0) + \
+            r.value_nanos
+    assert RollupTotalsQuery("day", database=db).run(migrated_storage) == expected
+    hours = RollupTotalsQuery("hour", database=db).run(migrated_storage)
+    assert sum(hours.values()) == sum(r.value_nanos for r in hourly)
+    [(offset, position, why, payload)] = migrated_storage.query_rows(
+        f"SELECT source_offset, position, reason, hex(payload) FROM {db}.dead_letters FINAL")
+    assert (offset, position) == (0, -1) and why.startswith("output.undecodable: not an Arrow")
+    assert payload == bad.hex().upper()

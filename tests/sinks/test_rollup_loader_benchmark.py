@@ -19,8 +19,9 @@ def test_rollup_loader_benchmark_runs(capsys: pytest.CaptureFixture[str],
                                       migrated_storage: Any) -> None:
     assert rollup_loader.main(["--rows", "600", "--repeat", "1"], migrated_storage) == 0
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert line["rows"]["rows"] == line["columns"]["rows"] == 600
-    assert line["columns"]["bytes_per_row"] < line["rows"]["bytes_per_row"]
+    assert line["rows"]["rows"] == line["json-columns"]["rows"] == line["arrow"]["rows"] == 600
+    assert (line["arrow"]["bytes_per_row"] < line["json-columns"]["bytes_per_row"]
+            < line["rows"]["bytes_per_row"])
 
 
 def test_rollup_loader_benchmark_refuses_a_lossy_decode(monkeypatch: pytest.MonkeyPatch,
@@ -29,7 +30,9 @@ def test_rollup_loader_benchmark_refuses_a_lossy_decode(monkeypatch: pytest.Monk
 
     def lose_one(records):  # type: ignore[no-untyped-def]
         flush, bad = original(records)
-        if flush.rollup_blocks:  # column blocks: one row of one goes missing
+        if flush.arrow_blocks:  # Arrow blocks: one row of one goes missing
+            flush.rollups += flush.arrow_blocks.pop().records()[1:]
+        elif flush.rollup_blocks:  # JSON column blocks: the same
             flush.rollups += flush.rollup_blocks.pop().records()[1:]
         else:
             flush.rollups.pop()

@@ -498,8 +498,13 @@ def test_column_blocks_land_exactly_as_the_same_rows_as_records(chdb_engine: Any
     def wire(block_rows: list[RollupRecord]) -> Any:  # as the loader reads it off Kafka
         return orjson.loads(orjson.dumps(rollup_columns(block_rows)))
 
+    def arrow(*blocks: list[RollupRecord]) -> list[Any]:  # as the loader decodes them
+        from meterline.sinks.rollup_arrow import decode_block, encode_rows
+
+        return [decode_block(encode_rows(b)) for b in blocks]
+
     shown = []
-    for form in ("records", "mixed block", "blocks by window"):
+    for form in ("records", "mixed block", "blocks by window", "arrow", "arrow, clean apart"):
         storage = ChdbStorage(chdb_engine.data_dir, f"test_{uuid.uuid4().hex[:12]}")
         try:
             migrate(storage)
@@ -507,10 +512,27 @@ def test_column_blocks_land_exactly_as_the_same_rows_as_records(chdb_engine: Any
                 flush = Flush(rollups=list(rows))
             elif form == "mixed block":
                 flush = Flush(rollup_blocks=[RollupBlock.from_doc(wire(rows))])
-            else:
+            elif form == "blocks by window":
                 flush = Flush(rollups=[r for r in rows if r not in by_window],
                               rollup_blocks=[RollupBlock.from_doc(wire(by_window))])
+            elif form == "arrow":  # the hourly block has rows to refuse: the list path
+                flush = Flush(arrow_blocks=arrow([rows[0], rows[3], rows[4], rows[5]],
+                                                 [rows[1]], [rows[2]]))
+            else:  # the clean blocks take the Arrow insert, the others the list path
+                flush = Flush(arrow_blocks=arrow([rows[0], rows[5]], [rows[1]], [rows[2]],
+                                                 [rows[3]], [rows[4]]))
+            arrow_inserts: list[int] = []
+            insert_arrow = storage.insert_arrow
+
+            def counted(table: str, data: Any, *args: Any,
+                        insert_arrow: Any = insert_arrow, seen: Any = arrow_inserts) -> None:
+                seen.append(data.num_rows)
+                insert_arrow(table, data, *args)
+
+            storage.insert_arrow = counted  # type: ignore[method-assign]
             counts = write_flush(storage, flush, database=storage.database)
+            # Only clean Arrow blocks go in as Arrow tables (hourly rows, then daily).
+            assert arrow_inserts == {"arrow": [1], "arrow, clean apart": [2, 1]}.get(form, [])
             db = storage.database
             tables = [storage.query_rows(
                 f"SELECT customer, window_start_ms, toString(value), events, version, group_key, "
@@ -522,7 +544,7 @@ def test_column_blocks_land_exactly_as_the_same_rows_as_records(chdb_engine: Any
         finally:
             storage.execute(f"DROP DATABASE IF EXISTS {storage.database} SYNC")
             storage.close()
-    assert shown[0] == shown[1] == shown[2]
+    assert shown[0] == shown[1] == shown[2] == shown[3] == shown[4]
     hourly_n, daily_n, refused, _, dead = shown[0]
     assert (hourly_n, daily_n, refused) == (2, 1, 3)
     assert [r.split(":")[0] for r, _ in dead] == ["load.bad_window", "load.out_of_range",

@@ -177,7 +177,7 @@ def test_customer_table_is_compacted_when_windows_close() -> None:
 
 def test_column_blocks_go_through_the_kafka_writer_in_chunks() -> None:
     """A compiled store's block of more than CHUNK rows, a total past int64 among them,
-    leaves as several rollup_columns records that decode to the same rows."""
+    leaves as several Arrow records that decode to the same rows."""
     n = 2 * CHUNK + 7
     block = RollupBlock(
         "usage", 3, ["hourly"] * n, [f"c{i}" for i in range(n)], ["tokens"] * n,
@@ -186,7 +186,7 @@ def test_column_blocks_go_through_the_kafka_writer_in_chunks() -> None:
     out = list(output_records(Flush(rollup_blocks=[block])))
     assert [kind for kind, _, _ in out] == ["rollups"] * 3
     assert {key for _, key, _ in out} == {"usage/3"}
-    decoded, bad = decode_outputs([SourceRecord("usage.rollups", 0, i, orjson.dumps(doc), 0)
-                                   for i, (_, _, doc) in enumerate(out)])
+    decoded, bad = decode_outputs([SourceRecord("usage.rollups", 0, i, payload, 0)
+                                   for i, (_, _, payload) in enumerate(out)])
     assert bad == []
     assert decoded.rollup_rows() == block.records()
