@@ -55,7 +55,7 @@ serves all measurements of one run (``--runs`` picks a subset; default all, in t
 ``RollupWorker`` + ``MemoryCheckpointStore`` in this process (``noop``: outputs dropped;
 ``json``: outputs serialized the way ``KafkaOutputWriter`` does, not sent); run it under
 ``python -m cProfile`` to see where the worker's time goes, or with ``--phases`` for a
-wall-time split (decode, apply_batch, take_flush, checkpoint, output JSON).
+wall-time split (decode, apply_batch, take_flush, checkpoint, output encoding).
 
 Prints one JSON summary line, then a table. The parts live next to this file:
 ``rollups_common`` (workload, topics, lag, storage), ``rollups_worker`` (worker subprocess,

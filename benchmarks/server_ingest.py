@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -60,7 +61,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,9 @@ class Server:
     url: str
     key: str
     metrics_url: str | None
+    # The server's last lines of output, shown when it answers a scrape with an error.
+    output: collections.deque[str] = field(default_factory=lambda: collections.deque(
+        maxlen=200))
 
 
 def start_server(workdir: Path, *, kafka: tuple[str, str] | None, variant: str) -> Server:
@@ -122,21 +126,29 @@ def start_server(workdir: Path, *, kafka: tuple[str, str] | None, variant: str) 
         if "metrics on " in line:
             metrics_url = line.split("metrics on ", 1)[1].split()[0]
         if "listening on " in line:
+            server = Server(proc, line.split("listening on ", 1)[1].split()[0], key,
+                            metrics_url)
             # Keep draining its output, so a chatty server never blocks on a full pipe.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return Server(proc, line.split("listening on ", 1)[1].split()[0], key,
-                          metrics_url)
+            threading.Thread(target=server.output.extend, args=(proc.stdout,),
+                             daemon=True).start()
+            return server
     raise SystemExit("server did not start")
 
 
-def accepted_events(metrics_url: str | None) -> int | None:
+def accepted_events(server: Server) -> int | None:
     """The server's count of accepted CloudEvents (its /metrics), None without one."""
+    metrics_url = server.metrics_url
     if metrics_url is None:
         return None
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(metrics_url, timeout=30) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=30) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"{metrics_url}: {exc}; the server's last output:\n"
+                         + "".join(list(server.output)[-60:])) from None
     for line in text.splitlines():
         if line.startswith("meterline_server_events_total{") and \
                 'format="cloudevents"' in line and 'outcome="accepted"' in line:
@@ -282,7 +294,7 @@ def measure(server: Server, args: argparse.Namespace, now_ms: int) -> list[Load]
 def measure_singles(server: Server, args: argparse.Namespace, client: str) -> Load:
     """One CloudEvent per request, by the chosen client; then the server's accepted-events
     counter must have grown by exactly the client's 204s."""
-    before = accepted_events(server.metrics_url)
+    before = accepted_events(server)
     cpu0 = cpu_s(server.proc.pid)
     if client == "wrk":
         s = drive_wrk(server.url, server.key, args.singles, args.concurrency,
@@ -305,7 +317,7 @@ def measure_singles(server: Server, args: argparse.Namespace, client: str) -> Lo
         rate, p50, p99 = ok / elapsed, pct(lat, 0.5), pct(lat, 0.99)
         client_note = f"aiohttp: {ok:,} x 204"
     cpu = (cpu_s(server.proc.pid) - cpu0) / max(ok, 1) * 1e6
-    after = accepted_events(server.metrics_url)
+    after = accepted_events(server)
     if before is None or after is None:
         check = f"{client_note}; server count unknown (no /metrics)"
     elif after - before == ok:

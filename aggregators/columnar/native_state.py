@@ -91,6 +91,7 @@ class NativeRollupState(RollupState):
         self._groups: dict[tuple[tuple[str, str], ...], int] = {}
         # Windows lifted while they had unflushed changes: the processor flushes them.
         self.lifted_dirty: set[Key] = set()
+        self._store_len = 0  # len(store) as last read (__len__)
 
     # ------------------------------------------------------------------ codes
 
@@ -192,7 +193,15 @@ class NativeRollupState(RollupState):
     # ------------------------------------------------------------------ RollupState
 
     def __len__(self) -> int:
-        return len(self._cells) + len(self.store)
+        """Open windows. Read from other threads too (the metrics scrape): while the fold
+        merges, the store is mutably borrowed with the GIL released and refuses a read
+        (RuntimeError), so the count is then the one last seen, not an error (a /metrics
+        500 under load in CI, 2026-12-02)."""
+        try:
+            self._store_len = len(self.store)
+        except RuntimeError:
+            pass
+        return len(self._cells) + self._store_len
 
     def window_keys(self) -> list[WindowKey]:
         return [*super().window_keys(), *map(WindowKey._make, self.store.window_keys())]
