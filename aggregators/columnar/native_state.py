@@ -22,6 +22,7 @@ restore does not depend on the order (tests compare checkpoints decoded, cells s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -197,10 +198,8 @@ class NativeRollupState(RollupState):
         merges, the store is mutably borrowed with the GIL released and refuses a read
         (RuntimeError), so the count is then the one last seen, not an error (a /metrics
         500 under load in CI, 2026-12-02)."""
-        try:
+        with contextlib.suppress(RuntimeError):
             self._store_len = len(self.store)
-        except RuntimeError:
-            pass
         return len(self._cells) + self._store_len
 
     def window_keys(self) -> list[WindowKey]:
