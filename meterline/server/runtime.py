@@ -51,6 +51,7 @@ from meterline.server.writers import EventWriter, KafkaWriter, LocalLogWriter
 log = logging.getLogger(__name__)
 
 RAW_CONSUMER = "raw-events"  # as meterline demo: the log can move between them
+RAW_MAX_RECORDS = 64  # local-log records (envelopes) per raw-events insert, at most
 
 
 def version() -> str:
@@ -143,6 +144,7 @@ class EmbeddedPipeline:
     generation: RollupGeneration = field(default_factory=RollupGeneration)
     totals: RollupTotals | None = None  # loaded before start(): the writer updates them
     anomalies: Any = None  # AnomalyStageConfig: run the detectors on the rollups
+    raw_insert_interval_ms: int = 500  # [server] raw_insert_interval_ms
     stop_event: threading.Event = field(default_factory=threading.Event)
     stages: dict[str, _Stage] = field(default_factory=dict)
     # Set by each stage's thread once built, for the metrics collectors (read-only there).
@@ -168,12 +170,21 @@ class EmbeddedPipeline:
         from meterline.ingest.sources import LocalLogRecordSource
 
         loader = RawEventLoader(self.storage, LocalLogRecordSource(self.log, RAW_CONSUMER),
-                                self.registry, max_records=64,
+                                self.registry, max_records=RAW_MAX_RECORDS,
                                 retention=self.config.retention_policy())
         self.loader = loader
+        # A caught-up stage inserts at most once per interval: each chDB insert, however
+        # small, costs ~14 ms and holds the GIL in stretches of up to ~5 ms, which the HTTP
+        # answers of this process wait behind (docs/server.md, quota checks). A full poll
+        # is inserted at once, so a backlog drains at full speed.
+        interval_s = self.raw_insert_interval_ms / 1000
         while not self.stop_event.is_set():
-            if not loader.run_once().records:
+            started = time.monotonic()
+            got = loader.run_once().records
+            if not got:
                 self.stop_event.wait(0.05)
+            elif got < RAW_MAX_RECORDS:
+                self.stop_event.wait(max(0.0, interval_s - (time.monotonic() - started)))
 
     def _run_rollups(self) -> None:
         from meterline.aggregators.checkpoints import SqliteCheckpointStore
@@ -304,8 +315,9 @@ def build(config: Any, settings: ServerSettings) -> Server:
                 anomalies = load_anomaly_config(settings.anomaly_settings,
                                                 known_meters={m.name for m in registry})
             totals = quota_totals(locked, registry, config)
-            pipeline = EmbeddedPipeline(local_log, locked, registry, config,
-                                        anomalies=anomalies, totals=totals)
+            pipeline = EmbeddedPipeline(
+                local_log, locked, registry, config, anomalies=anomalies, totals=totals,
+                raw_insert_interval_ms=settings.raw_insert_interval_ms)
             pipeline.start()
             closers.append(pipeline.stop)
             writer = LocalLogWriter(local_log, max_pending_events=settings.max_pending_events)

@@ -10,6 +10,7 @@
     max_body_bytes = 8388608       # 413 above
     max_events_per_request = 20000 # 413 above
     max_pending_events = 200000    # accepted, not yet durable; 503 + Retry-After above
+    raw_insert_interval_ms = 500   # embedded: a caught-up raw stage inserts at most this often
     topic_partitions = 6           # `meterline topics create`: usage + output topics
     topic_replication_factor = 3   # default: 3, or the number of brokers if fewer
     topic_retention_ms = 604800000 # 7 days: how long a stopped stage can still resume
@@ -35,6 +36,7 @@ from meterline.server.usage import QuotaRule, parse_quota_rules
 
 _INTS = {"port": (0, 65535), "max_body_bytes": (1024, 1 << 31),
          "max_events_per_request": (1, 1_000_000), "max_pending_events": (1, 100_000_000),
+         "raw_insert_interval_ms": (0, 60_000),
          "topic_partitions": (1, 10_000), "topic_replication_factor": (1, 32),
          # at least an hour; -1 is Kafka's "forever" (checked separately below)
          "topic_retention_ms": (3_600_000, 1 << 62)}
@@ -51,6 +53,8 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_events_per_request: int = 20_000
     max_pending_events: int = 200_000
+    # Embedded: fewer, larger raw-events inserts, so HTTP answers wait less behind chDB.
+    raw_insert_interval_ms: int = 500
     quotas: list[QuotaRule] = field(default_factory=list)
     topic_partitions: int = 6
     topic_replication_factor: int | None = None  # None: min(3, brokers in the cluster)
@@ -72,7 +76,8 @@ def from_config(config: Any) -> ServerSettings:
     raw: dict[str, Any] = dict(config.server)
     errors: list[str] = []
     known = {"host", "port", "pipeline", "local_log", "local_log_fsync", "keys_file",
-             "max_body_bytes", "max_events_per_request", "max_pending_events", "quotas",
+             "max_body_bytes", "max_events_per_request", "max_pending_events",
+             "raw_insert_interval_ms", "quotas",
              "topic_partitions", "topic_replication_factor", "topic_retention_ms",
              "anomalies", "anomaly_settings"}
     errors += [f"[server] unknown key {k!r} (known: {', '.join(sorted(known))})"

@@ -38,13 +38,13 @@ def test_keys_lifecycle_and_config_after_subcommand(tmp_path: Path) -> None:
 def test_bad_server_section_reports_every_error(tmp_path: Path) -> None:
     config = tmp_path / "m.toml"
     config.write_text('[server]\nport = "x"\npipeline = "cloud"\nbogus = 1\n'
-                      'anomalies = "yes"\nanomaly_settings = 3\n'
+                      'anomalies = "yes"\nanomaly_settings = 3\nraw_insert_interval_ms = -1\n'
                       '[[server.quotas]]\nmeter = "nope"\nlimit = 0.1\n')
     out = meterline("serve", "--config", str(config))
     assert out.returncode == 2
     for needle in ("port must be", "pipeline must be", "unknown key 'bogus'",
                    "anomalies must be true or false", "anomaly_settings must be a path",
-                   "meter 'nope'", "limit 0.1"):
+                   "meter 'nope'", "limit 0.1", "raw_insert_interval_ms must be an int"):
         assert needle in out.stderr, out.stderr
 
 
