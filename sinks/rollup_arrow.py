@@ -78,8 +78,33 @@ def dimensions_json(group: tuple[tuple[str, str], ...]) -> str:
     return orjson.dumps(dict(group)).decode()
 
 
+def _ints(values: list[int], dtype: Any) -> Any:
+    """An int column (OverflowError past ``dtype``); through numpy: ~15x faster than
+    ``pa.array`` for int32 and ~2x for int64 from a list. numpy would truncate a float
+    silently, so anything but an int is refused first (a bug upstream, never data)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not set(map(type, values)) <= {int}:
+        raise TypeError(f"an int column holds {sorted(t.__name__ for t in set(map(type, values)))}")
+    return pa.array(np.fromiter(values, dtype, len(values)))
+
+
+def _dictionary(values: list[Any], text_of: Any) -> Any:
+    """A dictionary<int32, string> column of few distinct values (meters, aggregations,
+    groups): one code per distinct value through C-speed dict maps, each text once."""
+    import numpy as np
+    import pyarrow as pa
+
+    code_of = {v: code for code, v in enumerate(dict.fromkeys(values))}
+    codes = np.fromiter(map(code_of.__getitem__, values), np.int32, len(values))
+    return pa.DictionaryArray.from_arrays(
+        pa.array(codes), pa.array([text_of(v) for v in code_of], pa.string()))
+
+
 def encode_block(block: RollupBlock, lo: int = 0, hi: int | None = None) -> bytes:
     """Rows ``lo:hi`` of ``block`` (all of one window kind) as one IPC stream."""
+    import numpy as np
     import pyarrow as pa
 
     n = len(block)
@@ -92,30 +117,21 @@ def encode_block(block: RollupBlock, lo: int = 0, hi: int | None = None) -> byte
     kinds = set(cut(block.window))
     if len(kinds) != 1:
         raise ValueError(f"an Arrow rollup block holds one window kind, got {sorted(kinds)}")
-    groups = cut(block.group)
-    # Few distinct groups, usually shared objects: one code per object (C-speed maps),
-    # one JSON text per distinct object. Equal groups under two codes are harmless.
-    # Few distinct groups: one code and one JSON text each (C-speed dict maps), each text
-    # once in the dictionary (ClickHouse's reader relies on it).
-    code_of = {g: code for code, g in enumerate(dict.fromkeys(groups))}
-    codes = pa.array(list(map(code_of.__getitem__, groups)), pa.int32())
-    dims = pa.DictionaryArray.from_arrays(
-        codes, pa.array([dimensions_json(g) for g in code_of], pa.string()))
     values = cut(block.value_nanos)
     try:
-        value = pa.array(values, pa.int64())
-    except (OverflowError, pa.ArrowInvalid):
+        value = _ints(values, np.int64)
+    except OverflowError:  # a total past int64: the block's totals as decimal text
         value = pa.array([str(v) for v in values], pa.string())
     arrays = [
         pa.array(cut(block.customer), pa.string()),
-        pa.array(cut(block.meter), pa.string()).dictionary_encode(),
-        dims,
-        pa.array(cut(block.window_start_ms), pa.int64()),
-        pa.array(cut(block.window_end_ms), pa.int64()),
-        pa.array(cut(block.aggregation), pa.string()).dictionary_encode(),
+        _dictionary(cut(block.meter), str),
+        _dictionary(cut(block.group), dimensions_json),
+        _ints(cut(block.window_start_ms), np.int64),
+        _ints(cut(block.window_end_ms), np.int64),
+        _dictionary(cut(block.aggregation), str),
         value,
-        pa.array(cut(block.events), pa.uint64()),
-        pa.array(cut(block.version), pa.uint64()),
+        _ints(cut(block.events), np.uint64),
+        _ints(cut(block.version), np.uint64),
     ]
     schema = _schema(value.type).with_metadata({
         "meterline": FORMAT, "source": block.source, "partition": str(block.partition),
