@@ -48,7 +48,13 @@ from meterline.ingest.metrics import LoaderTotals, TimedStorage
 from meterline.ingest.sources import RecordSource, SourceRecord
 from meterline.logs import where
 from meterline.sinks.retention import RetentionPolicy
-from meterline.sinks.rollup_arrow import decode_block, encode_block, encode_rows, is_arrow_payload
+from meterline.sinks.rollup_arrow import (
+    decode_block,
+    encode_block,
+    encode_rows,
+    is_arrow_payload,
+    warm_up,
+)
 
 __all__ = ["KafkaOutputWriter", "OutputLoader", "StorageWriter", "output_records",
            "output_topics", "run_kafka_output_loader"]
@@ -149,6 +155,7 @@ class KafkaOutputWriter:
         }
         conf.update(extra)
         self._producer = Producer(conf, logger=logging.getLogger("meterline.outputs.kafka"))
+        warm_up()  # the Arrow codec loaded before the first flush, not during it
         self._errors: list[str] = []
         self._flush_seconds = FLUSH_SECONDS.labels("kafka")
 
