@@ -22,7 +22,10 @@ class _JsonWriter:
     rows, JSON for the rest), sends nothing."""
 
     def __init__(self) -> None:
+        from meterline.sinks.rollup_arrow import warm_up
+
         self.bytes = 0
+        warm_up()  # as KafkaOutputWriter: the codec loaded before the first flush
 
     def write(self, flush: Any) -> None:
         from meterline.aggregators.outputs_io import output_records

@@ -117,6 +117,9 @@ def encode_block(block: RollupBlock, lo: int = 0, hi: int | None = None) -> byte
     kinds = set(cut(block.window))
     if len(kinds) != 1:
         raise ValueError(f"an Arrow rollup block holds one window kind, got {sorted(kinds)}")
+    arrays = _from_buffers(block, lo, hi) if hi <= block.buffers_rows else None
+    if arrays is not None:
+        return _stream(arrays, block, kinds.pop())
     values = cut(block.value_nanos)
     try:
         value = _ints(values, np.int64)
@@ -133,9 +136,53 @@ def encode_block(block: RollupBlock, lo: int = 0, hi: int | None = None) -> byte
         _ints(cut(block.events), np.uint64),
         _ints(cut(block.version), np.uint64),
     ]
-    schema = _schema(value.type).with_metadata({
+    return _stream(arrays, block, kinds.pop())
+
+
+def _from_buffers(block: RollupBlock, lo: int, hi: int) -> list[Any] | None:
+    """Rows ``lo:hi`` from the compiled store's buffers (``RollupBlock.buffers``): no
+    Python object per value. None when a total is past int64 (the lists then)."""
+    prepared = _prepared(block.buffers)
+    if prepared is None:
+        return None
+    customer, meter, group, start, end, aggregation, value, events = (
+        column.slice(lo, hi - lo) for column in prepared)
+    return [customer.dictionary_decode(), meter, group, start, end, aggregation, value,
+            events, events]
+
+
+def _prepared(buffers: dict[str, Any]) -> list[Any] | None:
+    """The block's Arrow columns, made once per block (its chunks are slices of them)."""
+    if "columns" in buffers:
+        return buffers["columns"]
+    import numpy as np
+    import pyarrow as pa
+
+    (customer, meter, group, aggregation, customers, meters, groups, aggregations, start,
+     end, value, events) = buffers["raw"]
+    columns = None
+    if value is not None:
+        def ints(buffer: Any, dtype: Any = np.int64) -> Any:
+            return pa.array(np.frombuffer(buffer, np.int64).astype(dtype, copy=False))
+
+        def dictionary(codes: Any, texts: list[str]) -> Any:
+            return pa.DictionaryArray.from_arrays(ints(codes, np.int32),
+                                                  pa.array(texts, pa.string()))
+
+        columns = [dictionary(customer, customers), dictionary(meter, meters),
+                   dictionary(group, [dimensions_json(g) for g in groups]), ints(start),
+                   ints(end), dictionary(aggregation, aggregations), ints(value),
+                   ints(events, np.uint64)]  # never negative: a count of events
+    buffers["columns"] = columns
+    return columns
+
+
+def _stream(arrays: list[Any], block: RollupBlock, window: str) -> bytes:
+    import pyarrow as pa
+
+    schema = _schema(arrays[6].type).with_metadata({
         "meterline": FORMAT, "source": block.source, "partition": str(block.partition),
-        "window": kinds.pop()})
+        "window": window})
     batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema) as writer:

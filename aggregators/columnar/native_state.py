@@ -165,10 +165,12 @@ class NativeRollupState(RollupState):
         """The compiled windows changed since the last call, plus ``rows`` (the Python-held
         windows' records, all of this source partition), as one block per window kind."""
         taken: dict[str, list[list[Any]]] = {}
+        buffers: dict[str, tuple[Any, int]] = {}
         for block in self.store.take_dirty():
             if block is not None:
-                window, *columns = block
+                window, *columns, buffered = block
                 taken[window] = [[window] * len(columns[0]), *columns]
+                buffers[window] = ({"raw": buffered}, len(columns[0]))
         for r in rows:
             columns = taken.get(r.window)
             if columns is None:
@@ -181,8 +183,10 @@ class NativeRollupState(RollupState):
         blocks = []
         for window, customer, meter, group, start, end, aggregation, value, events in (
                 taken.values()):
+            buffered, rows_buffered = buffers.get(window[0], (None, 0))
             blocks.append(RollupBlock(source, partition, window, customer, meter, group,
-                                      start, end, aggregation, value, events, events))
+                                      start, end, aggregation, value, events, events,
+                                      buffered, rows_buffered))
         return blocks
 
     def pending_windows(self, dirty: set[Key]) -> int:

@@ -159,6 +159,12 @@ class RollupBlock:
     value_nanos: list[int]
     events: list[int]
     version: list[int]
+    # The compiled store's rows ``[0, buffers_rows)`` once more as buffers (dictionary
+    # codes and int columns, ``WindowStore.take_dirty``) under "raw", for the Arrow
+    # encoder (which caches its columns beside them); not compared (two blocks of the
+    # same rows are equal with or without them).
+    buffers: Any = field(default=None, compare=False, repr=False)
+    buffers_rows: int = field(default=0, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.window)

@@ -461,7 +461,8 @@ impl WindowStore {
 
     /// Changed windows since the last call, per kind (hourly, daily): the lists of a
     /// rollup column block (customer, meter, group, start, end, aggregation, value,
-    /// events), or None for a kind with none.
+    /// events) and the same rows as buffers (``RollupBlock.buffers``), or None for a kind
+    /// with none.
     fn take_dirty(&mut self, py: Python<'_>) -> PyResult<Vec<Option<Py<PyTuple>>>> {
         let mut per_kind: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
         for &at in &self.dirty {
@@ -483,6 +484,18 @@ impl WindowStore {
             let (customer, meter, group) = (PyList::empty(py), PyList::empty(py), PyList::empty(py));
             let (start, end, agg) = (PyList::empty(py), PyList::empty(py), PyList::empty(py));
             let (value, events) = (PyList::empty(py), PyList::empty(py));
+            // The same rows as buffers for the Arrow encoder (sinks/rollup_arrow.py): codes
+            // into block-local dictionaries (first appearance order) and int columns, so
+            // no Python object is read per value there.
+            let n = slots.len();
+            let mut local: [FxMap<u32, i64>; 4] = Default::default();
+            let dicts = [PyList::empty(py), PyList::empty(py), PyList::empty(py), PyList::empty(py)];
+            let mut codes: [Vec<i64>; 4] = [Vec::with_capacity(n), Vec::with_capacity(n),
+                                            Vec::with_capacity(n), Vec::with_capacity(n)];
+            let (mut starts, mut ends, mut counts) = (Vec::with_capacity(n), Vec::with_capacity(n),
+                                                      Vec::with_capacity(n));
+            let mut totals: Vec<i64> = Vec::with_capacity(n);
+            let mut wide = false; // a total past int64: the encoder reads the lists instead
             for &at in slots {
                 let s = &self.slots[at as usize];
                 let m = &self.meters[s.key.meter as usize];
@@ -492,14 +505,44 @@ impl WindowStore {
                 start.append(s.key.start)?;
                 end.append(s.key.start + size)?;
                 agg.append(&aggs[m.agg as usize])?;
-                value.append(self.result(s))?;
+                let total = self.result(s);
+                value.append(total)?;
                 events.append(s.events)?;
+                let keys = [s.key.customer, s.key.meter, s.key.group, m.agg as u32];
+                for (i, &key) in keys.iter().enumerate() {
+                    let next = local[i].len() as i64;
+                    let code = *local[i].entry(key).or_insert_with(|| {
+                        let item: Bound<'_, PyAny> = match i {
+                            0 => self.customers[key as usize].name.bind(py).clone().into_any(),
+                            1 => self.meters[key as usize].name.bind(py).clone().into_any(),
+                            2 => self.groups[key as usize].tuple.bind(py).clone(),
+                            _ => aggs[key as usize].clone().into_any(),
+                        };
+                        dicts[i].append(item).expect("appending to a new list");
+                        next
+                    });
+                    codes[i].push(code);
+                }
+                starts.push(s.key.start);
+                ends.push(s.key.start + size);
+                counts.push(s.events);
+                match i64::try_from(total) {
+                    Ok(v) => totals.push(v),
+                    Err(_) => wide = true,
+                }
             }
+            let buffers = PyTuple::new(py, vec![
+                bytes_of(py, &codes[0]), bytes_of(py, &codes[1]), bytes_of(py, &codes[2]),
+                bytes_of(py, &codes[3]), dicts[0].clone().into_any().unbind(),
+                dicts[1].clone().into_any().unbind(), dicts[2].clone().into_any().unbind(),
+                dicts[3].clone().into_any().unbind(), bytes_of(py, &starts), bytes_of(py, &ends),
+                if wide { py.None() } else { bytes_of(py, &totals) }, bytes_of(py, &counts),
+            ])?;
             let items: Vec<PyObject> = vec![
                 PyString::intern(py, WINDOW_NAMES[kind]).into_any().unbind(),
                 customer.into_any().unbind(), meter.into_any().unbind(), group.into_any().unbind(),
                 start.into_any().unbind(), end.into_any().unbind(), agg.into_any().unbind(),
-                value.into_any().unbind(), events.into_any().unbind(),
+                value.into_any().unbind(), events.into_any().unbind(), buffers.into_any().unbind(),
             ];
             out.push(Some(PyTuple::new(py, items)?.unbind()));
         }

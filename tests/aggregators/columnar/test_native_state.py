@@ -233,3 +233,37 @@ def test_open_windows_can_be_counted_from_another_thread_while_the_fold_merges()
     assert len(state) == len(state.store) > 0 and counts
     if overlaps == 0:
         pytest.skip("the scrape never overlapped a merge on this run (the machine's timing)")
+
+
+def test_store_buffers_encode_the_same_arrow_rows_as_the_lists() -> None:
+    """The compiled store hands its flushed rows twice: as lists (every reader) and as
+    buffers (dictionary codes, int columns) that the Arrow encoder slices without a Python
+    object per value. Both encodings decode to the same rows, chunk by chunk, Python-held
+    windows and a total past int64 (lists only) included."""
+    import dataclasses
+
+    from meterline.sinks.rollup_arrow import decode_block, encode_block
+
+    ref, col = both(mixed_batches(), DAY0 + 40 * HOUR_MS)
+    flush = col.take_flush()
+    assert rows(flush) == rows(ref.take_flush())
+    assert flush.rollup_blocks and any(b.buffers_rows for b in flush.rollup_blocks)
+    for block in flush.rollup_blocks:
+        bare = dataclasses.replace(block, buffers=None, buffers_rows=0)
+        for lo in range(0, len(block), 7):  # chunks inside and across the buffered rows
+            hi = min(lo + 7, len(block))
+            fast, slow = encode_block(block, lo, hi), encode_block(bare, lo, hi)
+            assert decode_block(fast).records() == decode_block(slow).records() == \
+                block.records()[lo:hi]
+    # a total past int64 in the store: its block's buffers step aside for the lists
+    big = ColumnarPartitionProcessor("usage", 0, REGISTRY, SETTINGS)
+    for i, r in enumerate(records([  # a run's sum stays below 2**62: the store folds it
+            Batch(f"big{i}", DAY0, ["c"], ["tokens"], [2**61], [DAY0 + i],
+                  dimensions=[{"model": "m"}]) for i in range(5)], DAY0 + 5)):
+        assert big.process_many([r]) == 1 and i < 5
+    [*blocks] = big.take_flush().rollup_blocks
+    assert blocks and all(b.buffers_rows for b in blocks)
+    for block in blocks:
+        assert decode_block(encode_block(block)).records() == block.records()
+        assert block.records()[0].value_nanos == 5 * 2**61 > 2**63
+        assert block.buffers["columns"] is None  # the lists were read
