@@ -25,11 +25,13 @@ class _JsonWriter:
         from meterline.sinks.rollup_arrow import warm_up
 
         self.bytes = 0
+        self.rows = 0  # rollup rows written: the same whichever engine folded them
         warm_up()  # as KafkaOutputWriter: the codec loaded before the first flush
 
     def write(self, flush: Any) -> None:
         from meterline.aggregators.outputs_io import output_records
 
+        self.rows += len(flush.rollups) + sum(map(len, flush.rollup_blocks))
         for _, _, payload in output_records(flush):
             self.bytes += len(payload)
 
@@ -154,6 +156,7 @@ def run_inprocess(events: int, writer_kind: str,
             "flushes": worker.flushes, "checkpoints": worker.checkpoints,
             "accepted": t.accepted, "duplicate": t.duplicate, "rejected": t.rejected,
             "output_bytes": getattr(writer, "bytes", None),
+            "output_rows": getattr(writer, "rows", None),
             **({"phases_us_per_event": {k: round(v[0] / events * 1e6, 2)
                                         for k, v in totals.items() if v[1]},
                 "phases_share": {k: round(v[0] / seconds, 3)
